@@ -1,0 +1,3 @@
+from sphinx_jax.cli import main
+
+raise SystemExit(main())

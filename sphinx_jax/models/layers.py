@@ -1,0 +1,157 @@
+"""Shared primitives of the decoder and the towers: projections with logical axes, norms with the
+original's epsilons and precision, activations, RoPE (Meta interleaved) and the attention core.
+
+Letters: B batch, T query length, S key length, N query heads, K KV heads, G = N/K, H head dim, D width.
+Nothing here names a mesh axis; weights carry logical names from `sphinx_jax.sharding`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sphinx_jax import sharding as sh
+
+
+def dtype_of(name_or_dtype):
+  """'bfloat16' / 'float32' / a dtype -> a jnp dtype (configs store names)."""
+  return jnp.dtype(name_or_dtype)
+
+
+def partitioned(init, axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features, axes, name, *, use_bias=False, bias_axes=None, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init=nn.initializers.lecun_normal()):
+  """nn.Dense whose kernel [in, out] carries logical axes `axes` (bias: `bias_axes`, default axes[-1:])."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=partitioned(kernel_init, axes),
+                  bias_init=partitioned(nn.initializers.zeros_init(), bias_axes or axes[-1:]))
+
+
+def layer_norm(eps, name, axis_name=None, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """LayerNorm as torch computes it: two-pass variance (flax's default fast variance differs), given eps."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=partitioned(nn.initializers.ones_init(), (axis_name,)),
+                      bias_init=partitioned(nn.initializers.zeros_init(), (axis_name,)))
+
+
+class RMSNorm(nn.Module):
+  """Mirrors accessory RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times weight."""
+  eps: float = 1e-5
+  axis_name: str | None = sh.EMBED
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)),
+                        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return normed * weight.astype(x.dtype)
+
+
+def gelu_exact(x):
+  """torch.nn.GELU() (erf form); jax's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu_exact, "quick_gelu": quick_gelu, "silu": jax.nn.silu}
+
+
+def rope_frequencies(head_dim: int, theta: float):
+  """float32[H/2]: theta^(-2i/H), the Meta/accessory table computed in fp32."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2] / head_dim))
+
+
+def apply_rope(x, positions, theta: float, scaling: float | None = None):
+  """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by positions * freq_i, computed in fp32.
+
+  Accessory's `rope_scaling` divides positions (linear scaling); None = 1.
+  Args: x float[B, T, N, H], positions int[B, T]. Returns: x's dtype [B, T, N, H].
+  """
+  freqs = rope_frequencies(x.shape[-1], theta)
+  pos = positions.astype(jnp.float32)
+  if scaling:
+    pos = pos / scaling
+  angles = pos[:, :, None, None] * freqs  # [B, T, 1, H/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  real, imag = pairs[..., 0], pairs[..., 1]
+  rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def attention_mask(q_positions, kv_positions, *, causal=True, kv_valid=None, q_segments=None, kv_segments=None):
+  """bool[B, T, S]: which keys each query may see.
+
+  causal: key position <= query position. kv_valid bool[B, S] drops empty cache slots / padding.
+  Segment ids (packing) keep attention inside a segment; 0 means padding.
+  Example (T=S=3, causal, no segments): [[1,0,0],[1,1,0],[1,1,1]].
+  """
+  mask = jnp.ones((q_positions.shape[0], q_positions.shape[1], kv_positions.shape[1]), bool)
+  if causal:
+    mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+  if kv_valid is not None:
+    mask &= kv_valid[:, None, :]
+  if q_segments is not None:
+    mask &= (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
+  return mask
+
+
+def dot_product_attention(q, k, v, mask=None, *, scale=None):
+  """softmax(q k^T * scale) v with GQA by repeat-interleave (KV head j serves query heads jG..jG+G-1).
+
+  The plain XLA backend, the reference the accelerator backends are checked against. Logits and softmax in
+  fp32. Args: q [B, T, N, H], k and v [B, S, K, H], mask bool broadcastable to [B, T, S] (or
+  [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  scale = h ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, kv_heads, groups, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    if mask.ndim == 3:
+      mask = mask[:, None, None]
+    else:  # [B, N, T, S]
+      mask = mask.reshape(b, kv_heads, groups, t, -1) if mask.shape[1] == n else mask[:, :, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+
+def remat_block(block_cls, policy_name: str, static_argnums=()):
+  """Wraps a linen block class in nn.remat with a named policy ('none' returns the class unchanged)."""
+  if policy_name == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=True,
+                  static_argnums=static_argnums)
+
+
+def scan_blocks(block_cls, length: int, *, in_axes=(), variable_axes=None):
+  """nn.scan over `length` identical blocks, params stacked on a leading logical 'layers' axis."""
+  return nn.scan(block_cls, variable_axes=variable_axes or {"params": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+
+

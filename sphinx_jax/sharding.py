@@ -1,0 +1,131 @@
+"""Device mesh, logical-axis vocabulary and sharding helpers.
+
+Model code names logical axes only (the constants below); one rules table in the config maps them to the
+mesh axes ('data', 'fsdp', 'tensor', 'expert'). Sizes come from `config.mesh` (-1 = the rest of the devices).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sphinx_jax.errors import SphinxError
+
+# The one vocabulary of logical axis names (decoder, then towers, then activations).
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+VOCAB = "vocab"
+LAYERS = "layers"
+EXPERT = "expert"
+VIT_EMBED = "vit_embed"
+VIT_MLP = "vit_mlp"
+VIT_HEADS = "vit_heads"
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Default logical -> mesh rules (DESIGN.md "Sharding"). Logical names missing here stay replicated.
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (ACT_EMBED, None),
+    (EMBED, "fsdp"),
+    (VIT_EMBED, "fsdp"),
+    (CONV_IN, "fsdp"),
+    (MLP, "tensor"),
+    (VIT_MLP, "tensor"),
+    (HEADS, "tensor"),
+    (VIT_HEADS, "tensor"),
+    (KV_HEADS, "tensor"),
+    (VOCAB, "tensor"),
+    (CONV_OUT, "tensor"),
+    (EXPERT, "expert"),
+    (HEAD_DIM, None),
+    (LAYERS, None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves the configured axis sizes (one may be -1) against the device count.
+
+  Example: {data: 2, fsdp: -1, tensor: 2, expert: 1} on 8 devices -> (2, 2, 2, 1).
+  """
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise SphinxError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}; fix config.mesh.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise SphinxError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}; fix config.mesh.")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise SphinxError(f"mesh: {dict(zip(MESH_AXES, sizes))} fixed sizes multiply to {fixed}, which does not "
+                        f"divide {num_devices} devices; change config.mesh.")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise SphinxError(f"mesh: {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+                      f"{num_devices} are present; set one axis to -1 or match the device count.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+  """A `Mesh` over ('data', 'fsdp', 'tensor', 'expert') laid out by `jax.experimental.mesh_utils`."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)  # host devices have no physical topology to follow
+  return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(config) -> tuple:
+  """The (logical, mesh) rules as the hashable tuple flax expects; `config.rules` overrides the default."""
+  rules = config.get("rules", None) if hasattr(config, "get") else None
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in (rules or DEFAULT_RULES))
+
+
+def logical_to_mesh_specs(logical_tree, rules) -> Any:
+  """Logical PartitionSpecs (from `nn.get_partition_spec`) -> mesh PartitionSpecs under `rules`."""
+  return nn.logical_to_mesh(logical_tree, rules)
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a (boxed or abstract) param tree annotated with `nn.with_logical_partitioning`."""
+  logical = nn.get_partition_spec(abstract_params)
+  mesh_specs = nn.logical_to_mesh(logical, rules)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def abstract_params(init_fn, *args):
+  """`jax.eval_shape` of an init function: shapes, dtypes and logical boxes, nothing materialised."""
+  return jax.eval_shape(init_fn, *args)
+
+
+def shard_params(params, mesh: Mesh, rules, boxed_abstract=None):
+  """Places a plain param tree on `mesh` following the logical annotations of `boxed_abstract`.
+
+  `boxed_abstract` is the `jax.eval_shape` of the module's init (it carries the `LogicallyPartitioned`
+  boxes); `params` is the unboxed tree with the same structure.
+  """
+  shardings = param_shardings(boxed_abstract, mesh, rules)
+  shardings = nn.meta.unbox(shardings) if boxed_abstract is not None else shardings
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def count_params(tree) -> int:
+  """Total number of elements over the leaves of a (possibly abstract) tree."""
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(tree)))
