@@ -1,0 +1,46 @@
+"""`sphinx-jax train --config configs/<file>.py[:<preset>] [--config.a.b=v ...] --workdir DIR`.
+
+Multi-host: on Cloud TPU VMs `jax.distributed.initialize()` finds its peers by itself (`--distributed auto`,
+the default when a TPU is present); elsewhere pass --coordinator_address, --num_processes and --process_id
+(every process runs the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_train_parser(subparsers):
+  p = subparsers.add_parser("train", help="train or fine-tune SPHINX (resumes from WORKDIR if present)")
+  p.add_argument("--config", required=True, help="configs/<file>.py[:<preset>]")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, predictions")
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process runs)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--stop_after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate preemption
+  p.set_defaults(func=run, overrides=True)
+
+
+def init_distributed(args):
+  """jax.distributed from flags, or automatically on a multi-host Cloud TPU slice."""
+  import os
+
+  import jax
+  if args.coordinator_address:
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def run(args) -> int:
+  from sphinx_jax.config import load_config
+  from sphinx_jax.train.loop import train
+
+  init_distributed(args)
+  config = load_config(args.config, args.overrides)
+  summary = train(config, args.workdir, stop_after=args.stop_after)
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps({k: summary[k] for k in ("last_step", "loss", "eval", "predictions") if k in summary},
+                     indent=1, default=str))
+  return 0

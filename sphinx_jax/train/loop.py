@@ -1,0 +1,198 @@
+"""`sphinx-jax train`: the main job. Builds the mesh, the sharded state and the data mixture, runs the jitted
+step, logs (tqdm, TensorBoard, WORKDIR/metrics.jsonl), evaluates, checkpoints and resumes.
+
+Mirrors the stage-2 fine-tuning of LLaMA2-Accessory (`main_finetune.py` + `engine_finetune.py`): frozen towers,
+trainable LLM + fusion (per `train.trainable`), AdamW with the original's decay rule, warm-up + cosine.
+Resume: the latest complete checkpoint under WORKDIR/checkpoints is restored (state and data iterator), so the
+same command continues a killed run. Only process 0 writes logs; checkpoints are written by all processes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sphinx_jax import config as cfg
+from sphinx_jax import sharding as sh
+from sphinx_jax.checkpoint import load_model_dir
+from sphinx_jax.data import pipeline
+from sphinx_jax.data.tokenizer import Tokenizer
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.models.sphinx import Sphinx
+from sphinx_jax.train import checkpoints, flops as flops_lib
+from sphinx_jax.train import optimizer as opt_lib
+from sphinx_jax.train import state as state_lib
+from sphinx_jax.train import step as step_lib
+from sphinx_jax.train.evaluation import Evaluator
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per logged step or evaluation) + TensorBoard events; process 0 only."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    self._file = open(workdir / "metrics.jsonl", "a") if enabled else None
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, values: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def image(self, tag: str, step: int, hwc_uint8):
+    if self.enabled:
+      self._tb.add_image(tag, hwc_uint8, int(step), dataformats="HWC")
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def init_inputs(model_config, batch: int = 1):
+  """Smallest inputs that build every parameter: [BOS, 1 token], one image (uint8), has_image."""
+  s = model_config.image_size
+  return (jnp.ones((batch, 2), jnp.int32), jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.ones((batch,), bool))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Per-process numpy batch -> global jax Arrays sharded over the batch axes (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def apply_fn(model: Sphinx):
+  def apply(params, batch):
+    return model.apply({"params": params}, batch["tokens"], batch["images"], batch["has_image"])
+  return apply
+
+
+def initial_params(config, boxed_init, shardings):
+  """Fresh params, or `train.init_from` (a model directory from convert/mix/train) placed on the mesh."""
+  init_from = config.train.get("init_from")
+  if not init_from:
+    return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
+  params, _, _ = load_model_dir(init_from, shardings=shardings)
+  return params
+
+
+def train(config, workdir, *, stop_after: int | None = None) -> dict:
+  """Runs (or resumes) the job of `config` in `workdir`; returns the summary printed at the end.
+
+  stop_after: return after this many steps of this invocation (tests use it to simulate preemption).
+  """
+  cfg.validate(config, num_devices=jax.device_count())
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  lead = jax.process_index() == 0
+  mesh = sh.make_mesh(config.mesh)
+  rules = sh.rules_from_config(config)
+  tokenizer = Tokenizer.from_file(config.data.tokenizer)
+  if tokenizer.n_words != config.model.llm.vocab_size:
+    raise SphinxError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} but {config.data.tokenizer} "
+                      f"has {tokenizer.n_words} pieces; set the vocab size to the tokenizer's.")
+  model = Sphinx(config.model)
+  key = jax.random.key(config.seed)
+
+  def boxed_init():
+    return model.init(key, *init_inputs(config.model))["params"]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_params = nn.meta.unbox(jax.eval_shape(boxed_init))
+    tx, schedule = opt_lib.make_optimizer(abstract_params, config.train)
+    abstract_state, state_shardings = state_lib.state_shardings(boxed_init, tx, mesh, rules)
+    manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints,
+                                  keep_period=config.train.get("keep_period"))
+    data_state = None
+    if manager.latest_step() is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                            state_shardings)
+      state, data_state, _ = checkpoints.restore(manager, manager.latest_step(), target)
+    else:
+      params = initial_params(config, boxed_init, state_shardings.params)
+      state = jax.jit(lambda p: state_lib.create(p, tx), out_shardings=state_shardings)(params)
+
+    data = pipeline.make_iterator(config.data, tokenizer, image_size=config.model.image_size,
+                                  image_words=cfg.image_tokens(config.model))
+    if data_state is not None:
+      data.set_state(data_state)
+    in_batch = batch_sharding(mesh)
+    step_fn = step_lib.make_train_step(apply_fn(model), tx, schedule)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, in_batch), out_shardings=(state_shardings, None),
+                     donate_argnums=(0,))
+    return _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after)
+
+
+def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after):
+  from tqdm import tqdm
+
+  t = config.train
+  log = MetricsLog(workdir, lead)
+  first = int(jax.device_get(state.step))
+  last = t.num_steps if stop_after is None else min(t.num_steps, first + stop_after)
+  pending, window_start, window_tokens, window_images = [], time.perf_counter(), 0, 0
+  peak = t.get("peak_flops") or 0.0
+  summary = {"first_step": first, "eval": {}}
+  evaluator = Evaluator(config, model, tokenizer) if t.eval_every else None
+  bar = tqdm(range(first, last), initial=first, total=t.num_steps, disable=not lead, desc="train",
+             dynamic_ncols=True)
+  try:
+    for step in bar:
+      batch = next(data)
+      window_tokens += int(batch["tokens"].size)
+      window_images += int(np.sum(batch["has_image"]))
+      state, metrics = jitted(state, to_global(batch, in_batch))
+      pending.append(metrics)
+      done = step + 1
+      if done % t.log_every == 0 or done == last:
+        values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        elapsed = time.perf_counter() - window_start
+        values.update(steps_per_s=len(pending) / elapsed, tokens_per_s=window_tokens / elapsed,
+                      images_per_s=window_images / elapsed)
+        if peak:
+          rows, length = batch["tokens"].shape
+          per_step = flops_lib.step_flops(jax.device_get(state.params), config.model, rows * jax.process_count(),
+                                          length + cfg.image_tokens(config.model))
+          values["mfu"] = per_step * values["steps_per_s"] / (peak * jax.device_count())
+        values.update({f"data/bad/{k}": v for k, v in data.bad.items()})
+        log.write(done, values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.2f}")
+        summary["loss"] = values["loss"]
+        pending, window_start, window_tokens, window_images = [], time.perf_counter(), 0, 0
+        if int(jax.device_get(state.nonfinite_in_row)) > t.max_nonfinite_in_row:
+          raise SphinxError(f"train: {int(state.nonfinite_in_row)} non-finite updates in a row at step {done} "
+                            f"(limit train.max_nonfinite_in_row={t.max_nonfinite_in_row}); lower train.lr or "
+                            f"check the data.")
+      if t.eval_every and (done % t.eval_every == 0 or done == t.num_steps):
+        scores = evaluator.run(state.params, workdir / "predictions" / f"step_{done}", log if lead else None, done)
+        log.write(done, {f"eval/{k}": v for k, v in scores.items()})
+        summary["eval"][done] = scores
+      if done % t.checkpoint_every == 0 or done == t.num_steps:
+        checkpoints.save(manager, done, state, data.get_state(), config)
+  finally:
+    manager.wait_until_finished()
+    data.close()
+    log.close()
+  summary.update(last_step=last, workdir=str(workdir), predictions=str(workdir / "predictions"),
+                 skipped_updates=int(jax.device_get(state.nonfinite_total)), bad_records=dict(data.bad))
+  if lead:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+  return summary

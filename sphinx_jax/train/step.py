@@ -1,0 +1,52 @@
+"""One training step: loss, grads, skipped update on non-finite values, metrics.
+
+`apply_fn(params, batch) -> logits` aligned with `batch["tokens"]` (the model's contract); the loss is the
+original's masked next-token cross-entropy (train/loss.py). The step is pure; `jit_train_step` wraps it in one
+`jax.jit` with explicit in/out shardings and the state donated.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sphinx_jax.train import loss as loss_lib
+from sphinx_jax.train.optimizer import global_norm
+from sphinx_jax.train.state import TrainState
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(apply_fn, tx, schedule=None):
+  """Returns step(state, batch) -> (state, metrics)."""
+  def loss_fn(params, batch):
+    logits = apply_fn(params, batch)
+    return loss_lib.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+  def step(state: TrainState, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    grad_norm = global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step - 1)
+    return state, metrics
+
+  return step
+
+
+def jit_train_step(step, state_shardings, batch_shardings):
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
