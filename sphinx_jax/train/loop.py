@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +66,13 @@ class MetricsLog:
 
 
 def init_inputs(model_config, batch: int = 1):
-  """Smallest inputs that build every parameter: [BOS, 1 token], one image (uint8), has_image."""
+  """Smallest inputs that build every parameter: [BOS, 1 token], one image (uint8) and has_image when the model
+  has towers (a text-only model takes no image)."""
+  tokens = jnp.ones((batch, 2), jnp.int32)
+  if not model_config.towers:
+    return (tokens,)
   s = model_config.image_size
-  return (jnp.ones((batch, 2), jnp.int32), jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.ones((batch,), bool))
+  return tokens, jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.ones((batch,), bool)
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -80,7 +85,12 @@ def to_global(batch: dict, sharding) -> dict:
 
 
 def apply_fn(model: Sphinx):
+  """(params, batch) -> logits aligned with batch["tokens"]; a text-only model ignores the image fields."""
+  with_towers = bool(model.config.towers)
+
   def apply(params, batch):
+    if not with_towers:
+      return model.apply({"params": params}, batch["tokens"])
     return model.apply({"params": params}, batch["tokens"], batch["images"], batch["has_image"])
   return apply
 
@@ -92,6 +102,39 @@ def initial_params(config, boxed_init, shardings):
     return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
   params, _, _ = load_model_dir(init_from, shardings=shardings)
   return params
+
+
+class Program(NamedTuple):
+  """Everything about a training job that needs no data and no device memory: the model, the optimizer, the
+  abstract state with its shardings and the jitted step. `sphinx-jax compile` lowers `step` for a TPU topology
+  from these; `train` materialises the state and feeds batches."""
+  model: Sphinx
+  boxed_init: Callable
+  tx: Any
+  schedule: Callable
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  step: Callable
+
+
+def build(config, mesh, rules) -> Program:
+  """The jitted train step and abstract state of `config` on `mesh` (call under jax.set_mesh + axis rules)."""
+  model = Sphinx(config.model)
+
+  def boxed_init():
+    # The key is made inside the traced function: an eager op has no device to run on under the topology
+    # mesh of `sphinx-jax compile`.
+    return model.init(jax.random.key(config.seed), *init_inputs(config.model))["params"]
+
+  abstract_params = sh.strip_boxes(jax.eval_shape(boxed_init))
+  tx, schedule = opt_lib.make_optimizer(abstract_params, config.train)
+  abstract_state, state_shardings = state_lib.state_shardings(boxed_init, tx, mesh, rules)
+  in_batch = batch_sharding(mesh)
+  step_fn = step_lib.make_train_step(apply_fn(model), tx, schedule)
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, in_batch), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+  return Program(model, boxed_init, tx, schedule, abstract_state, state_shardings, in_batch, jitted)
 
 
 def train(config, workdir, *, stop_after: int | None = None) -> dict:
@@ -109,36 +152,24 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
   if tokenizer.n_words != config.model.llm.vocab_size:
     raise SphinxError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} but {config.data.tokenizer} "
                       f"has {tokenizer.n_words} pieces; set the vocab size to the tokenizer's.")
-  model = Sphinx(config.model)
-  key = jax.random.key(config.seed)
-
-  def boxed_init():
-    return model.init(key, *init_inputs(config.model))["params"]
-
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_params = nn.meta.unbox(jax.eval_shape(boxed_init))
-    tx, schedule = opt_lib.make_optimizer(abstract_params, config.train)
-    abstract_state, state_shardings = state_lib.state_shardings(boxed_init, tx, mesh, rules)
+    program = build(config, mesh, rules)
     manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints,
-                                  keep_period=config.train.get("keep_period"))
+                                  keep_period=config.train.get("keep_period") or None)
     data_state = None
     if manager.latest_step() is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                            state_shardings)
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            program.abstract_state, program.state_shardings)
       state, data_state, _ = checkpoints.restore(manager, manager.latest_step(), target)
     else:
-      params = initial_params(config, boxed_init, state_shardings.params)
-      state = jax.jit(lambda p: state_lib.create(p, tx), out_shardings=state_shardings)(params)
-
+      params = initial_params(config, program.boxed_init, program.state_shardings.params)
+      state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
     data = pipeline.make_iterator(config.data, tokenizer, image_size=config.model.image_size,
                                   image_words=cfg.image_tokens(config.model))
     if data_state is not None:
       data.set_state(data_state)
-    in_batch = batch_sharding(mesh)
-    step_fn = step_lib.make_train_step(apply_fn(model), tx, schedule)
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, in_batch), out_shardings=(state_shardings, None),
-                     donate_argnums=(0,))
-    return _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after)
+    return _run(config, workdir, lead, program.model, tokenizer, manager, data, state, program.step,
+                program.batch_sharding, stop_after)
 
 
 def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after):
@@ -169,7 +200,7 @@ def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, 
                       images_per_s=window_images / elapsed)
         if peak:
           rows, length = batch["tokens"].shape
-          per_step = flops_lib.step_flops(jax.device_get(state.params), config.model, rows * jax.process_count(),
+          per_step = flops_lib.step_flops(config.model, rows * jax.process_count(),
                                           length + cfg.image_tokens(config.model))
           values["mfu"] = per_step * values["steps_per_s"] / (peak * jax.device_count())
         values.update({f"data/bad/{k}": v for k, v in data.bad.items()})

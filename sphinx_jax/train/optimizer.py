@@ -19,10 +19,13 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from sphinx_jax.errors import SphinxError
+
 TRAINABLE_PRESETS = {
     "stage1": (r"llm/.*", r"fusion/.*"),
     "stage2": (r"llm/.*", r"fusion/.*"),
     "mm_stage1": (r"fusion/visual_proj/.*",),
+    "llm": (r"llm/.*",),  # text-only training of the decoder
 }
 
 
@@ -56,9 +59,11 @@ def warmup_cosine(lr: float, min_lr: float, warmup_steps: int, total_steps: int)
 
 def make_optimizer(params, train_config):
   """optax transform for `params` under `train_config` (lr, min_lr, warmup_steps, num_steps, weight_decay,
-  b1, b2, eps, clip_grad, accum_steps, trainable: preset name or tuple of path patterns)."""
+  b1, b2, eps, clip_grad, accum_steps, trainable: a TRAINABLE_PRESETS name)."""
   c = train_config
-  trainable = TRAINABLE_PRESETS.get(c.trainable, c.trainable) if isinstance(c.trainable, str) else c.trainable
+  if c.trainable not in TRAINABLE_PRESETS:
+    raise SphinxError(f"config.train.trainable={c.trainable!r}: use one of {sorted(TRAINABLE_PRESETS)}.")
+  trainable = TRAINABLE_PRESETS[c.trainable]
   schedule = warmup_cosine(c.lr, c.min_lr, c.warmup_steps, c.num_steps)
   adamw = optax.chain(
       optax.clip_by_global_norm(c.clip_grad) if c.clip_grad else optax.identity(),

@@ -13,6 +13,8 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sphinx_jax import sharding as sh
+
 
 class TrainState(struct.PyTreeNode):
   """step int32[]; params; opt_state; nonfinite_in_row / nonfinite_total int32[] (skipped updates)."""
@@ -41,4 +43,4 @@ def state_shardings(boxed_init: Callable[[], Any], tx, mesh, rules):
   mesh_specs = nn.logical_to_mesh(logical, rules)
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
                            is_leaf=lambda x: isinstance(x, PartitionSpec))
-  return nn.meta.unbox(abstract), shardings
+  return sh.strip_boxes(abstract), shardings

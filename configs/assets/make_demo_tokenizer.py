@@ -1,0 +1,27 @@
+"""Regenerates `demo_tokenizer.model`: a 768-piece SentencePiece BPE model of the synthetic world's dialogues.
+
+Run from the repository root: python configs/assets/make_demo_tokenizer.py
+Deterministic (one training thread, fixed scenes), so the committed file can be checked by regenerating it.
+"""
+from pathlib import Path
+
+from sphinx_jax.data import conversation, shapes
+from sphinx_jax.data.tokenizer import Tokenizer
+
+VOCAB = 768
+
+
+def corpus() -> list[str]:
+  world = shapes.World(seed=0)
+  lines = []
+  for i in range(150):
+    for task in shapes.WORLD_TASKS:
+      _, record, _ = world.sample(i, task)
+      lines.append(conversation.render(conversation.turns_of(record.conversations))[0])  # as trained
+  return lines
+
+
+if __name__ == "__main__":
+  out = Path(__file__).with_name("demo_tokenizer.model")
+  out.write_bytes(Tokenizer.train(corpus(), VOCAB).model_proto)
+  print(f"wrote {out}")
