@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module and registers through `SUBCOMMANDS`: name -> "module:add_parser".
 `add_parser(subparsers)` adds the subparser and sets `func(args) -> int`. A `SphinxError` becomes one line
-on stderr and exit code 2.
+on stderr and exit code 2. Commands that take config overrides (`--config.a.b=value`, any number) set
+`overrides=True` as a parser default and find them in `args.overrides`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ import sys
 from sphinx_jax.errors import SphinxError
 
 SUBCOMMANDS = {
+    "compile": "sphinx_jax.compile:add_compile_parser",
+    "prepare": "sphinx_jax.data.prepare:add_parser",
+    "convert": "sphinx_jax.convert.cli:add_convert_parser",
+    "inspect": "sphinx_jax.convert.cli:add_inspect_parser",
+    "train": "sphinx_jax.train.cli:add_train_parser",
+    "mix": "sphinx_jax.mixing:add_mix_parser",
+    "export": "sphinx_jax.train.export:add_export_parser",
 }
 
 
@@ -26,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if getattr(args, "overrides", False):
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+      parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     return int(args.func(args) or 0)
   except SphinxError as error:

@@ -19,7 +19,7 @@ import ml_collections
 from sphinx_jax.errors import SphinxError
 
 TOWER_ORDER = ("qformer", "clip", "convnext", "dinov2")  # qformer tokens first; [clip|convnext|dinov2] channels
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj", "save_qkv_mlp")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
@@ -110,16 +110,52 @@ def model_config(llm, towers, image_size, views, **overrides):
 
 
 def base_config(model) -> ml_collections.ConfigDict:
-  """Top-level config around a model config: mesh, rules, seed (train/data sections join them later)."""
+  """Top-level config around a model config: mesh, rules, seed, and the train / data / eval sections."""
   return ml_collections.ConfigDict(dict(
       model=model, seed=0,
       mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),
       rules=None,
+      train=train_config(), data=data_config(), eval=eval_config(),
   ))
 
 
+def dataset_config(kind, path, ratio=1.0, **fields) -> ml_collections.ConfigDict:
+  """One named dataset of `data.datasets` (readers in data/sources.py).
+
+  kind: conversations | coco | vqav2 | text | arrayrecord | synthetic. path: the JSON/JSONL file, COCO
+  annotations, VQAv2 questions, text file/folder, or prepared directory ("" for synthetic). fields: image_root,
+  task (coco: detection | rec | reg | pose | layout; synthetic: a world task or a tuple of them), refs (coco
+  rec/reg), annotations (vqav2), split (arrayrecord), group (image | text; default text for kind text, else
+  image), seed / domain / length (synthetic: the world's seed, "flat" | "textured", records per epoch).
+  """
+  c = ml_collections.ConfigDict(dict(kind=kind, path=path, ratio=float(ratio), image_root=None, task=None,
+                                     refs=None, annotations=None, split=None, group=None, seed=None, domain=None,
+                                     length=None))
+  c.update(fields)
+  return c
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """The `data` section: the mixture and batching of data/pipeline.py (SPHINX.md §6).
+
+  max_len is the original's max_words: text + image tokens per row. group_batches draws every global batch
+  from one group (image-text or text-only), as the original's sampler. max_bad_fraction aborts the run when
+  more records than that were skipped, once bad_fraction_min_records have been seen.
+  """
+  c = ml_collections.ConfigDict(dict(
+      datasets={}, tokenizer="", global_batch_size=32, max_len=4096, group_batches=True, pack_text=False,
+      seed=0, num_workers=2, prefetch=2, max_bad_fraction=0.05, bad_fraction_min_records=1000,
+      epochs=None,  # None: repeat forever (training); N: stop after N passes (evaluation, tests)
+  ))
+  c.update(overrides)
+  return c
+
+
 def image_tokens(model) -> int:
-  """Visual positions of the variant: 291 x views with the Q-Former (SPHINX), 259 x views without (Tiny)."""
+  """Visual positions of the variant: 291 x views with the Q-Former (SPHINX), 259 x views without (Tiny), 0 for a
+  text-only model (no towers)."""
+  if not model.towers:
+    return 0
   qformer = model.qformer.num_query_tokens if "qformer" in model.towers else 0
   grid = (model.dinov2.image_size // model.dinov2.patch) ** 2 if "dinov2" in model.towers else 256
   return model.views * (2 + qformer + 1 + grid)
@@ -152,3 +188,72 @@ def validate(config, num_devices: int | None = None) -> None:
   if num_devices is not None:
     from sphinx_jax.sharding import mesh_shape
     mesh_shape(config.mesh, num_devices)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The `train` section (SPHINX.md §8 defaults of the fine-tuning recipe; steps instead of epochs).
+
+  trainable: a preset of train/optimizer.py TRAINABLE_PRESETS (stage1, stage2, mm_stage1, llm).
+  peak_flops: per-device peak FLOP/s for the MFU metric (0 = not logged).
+  export_to: when set, the final params are also written there as a model directory (train/export.py), ready
+    for `mix`, `load` and `init_from`.
+  """
+  c = ml_collections.ConfigDict(dict(
+      num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
+      clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
+      checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
+      export_to="",
+  ))
+  c.update(overrides)
+  return c
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` section of training: held-out synthetic-world samples scored by train/evaluation.py."""
+  c = ml_collections.ConfigDict(dict(tasks=("vqa", "rec"), num_samples=64, world_seed=10_000, domain="flat",
+                                     max_new_tokens=24, batch=16, num_drawn=4))
+  c.update(overrides)
+  return c
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """`configs/<file>.py[:<arg>]` -> get_config(arg), then `--config.a.b=value` overrides applied in order.
+
+  Values are Python literals (`3`, `1e-4`, `(1, 2)`, `'x'`) or bare strings; a field that does not exist or a
+  value of the wrong type is a SphinxError naming the field.
+  """
+  import ast
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise SphinxError(f"--config {path}: no such file; give configs/<file>.py[:<preset>].")
+  module_spec = importlib.util.spec_from_file_location(f"_sphinx_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ValueError as error:
+    raise SphinxError(str(error)) from None
+  for item in overrides:
+    name, eq, raw = item.removeprefix("--config.").partition("=")
+    if not eq:
+      raise SphinxError(f"{item}: overrides look like --config.a.b=value.")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = name.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        raise SphinxError(f"--config.{name}: config has no field {part!r}; check the name.")
+      node = node[part]
+    if leaf not in node:
+      raise SphinxError(f"--config.{name}: config has no field {leaf!r}; check the name.")
+    try:
+      node[leaf] = value
+    except TypeError as error:
+      raise SphinxError(f"--config.{name}={raw}: {error}") from None
+  return config

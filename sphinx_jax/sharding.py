@@ -126,6 +126,16 @@ def shard_params(params, mesh: Mesh, rules, boxed_abstract=None):
   return jax.tree.map(jax.device_put, params, shardings)
 
 
+def strip_boxes(tree) -> Any:
+  """The values inside the logical boxes of an abstract tree, with no sharding constraint applied.
+
+  `nn.meta.unbox` constrains each value when a mesh is set, which fails on `jax.eval_shape` results (no
+  sharding to constrain) under a mesh of devices this host cannot run on (`sphinx-jax compile`).
+  """
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def count_params(tree) -> int:
   """Total number of elements over the leaves of a (possibly abstract) tree."""
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(tree)))

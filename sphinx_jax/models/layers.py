@@ -75,13 +75,14 @@ def rope_frequencies(head_dim: int, theta: float):
 def apply_rope(x, positions, theta: float, scaling: float | None = None):
   """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by positions * freq_i, computed in fp32.
 
-  Accessory's `rope_scaling` divides positions (linear scaling); None = 1.
+  Accessory's `rope_scaling` multiplies positions (`t = t * scaling` in precompute_freqs_cis); None = 1.
+  Hugging Face's linear rope scaling divides them instead, so its factor is 1 / scaling.
   Args: x float[B, T, N, H], positions int[B, T]. Returns: x's dtype [B, T, N, H].
   """
   freqs = rope_frequencies(x.shape[-1], theta)
   pos = positions.astype(jnp.float32)
-  if scaling:
-    pos = pos / scaling
+  if scaling is not None:
+    pos = pos * scaling
   angles = pos[:, :, None, None] * freqs  # [B, T, 1, H/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
@@ -138,6 +139,10 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    # Also keeps the two [B, T, F] MLP projections (gate, up): the backward then recomputes no matmul of the
+    # MLP, at the price of the widest activations.
+    "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj",
+                                                                  "mlp_gate", "mlp_up"),
 }
 
 

@@ -95,12 +95,13 @@ def decoder_matmul_params(llm) -> int:
   return llm.n_layers * (attention + ffn) + llm.dim * llm.vocab_size
 
 
-def step_flops(model_config, rows: int, seq_len: int) -> float:
-  """FLOPs of one train step over `rows` sequences of `seq_len` decoder positions (image positions included)."""
+def step_flops(model_config, rows: int, seq_len: int, with_images: bool = True) -> float:
+  """FLOPs of one train step over `rows` sequences of `seq_len` decoder positions (image positions included);
+  `with_images` False for a text-only batch, which runs no tower."""
   llm = model_config.llm
   tokens = rows * seq_len
   decoder = 6.0 * decoder_matmul_params(llm) * tokens + 6.0 * llm.n_layers * llm.dim * seq_len * tokens
-  if not model_config.towers:
+  if not (model_config.towers and with_images):
     return decoder
   views = model_config.views * rows
   return decoder + views * (2.0 * fusion_flops(model_config) + tower_flops(model_config))

@@ -27,6 +27,7 @@ from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models.sphinx import Sphinx
 from sphinx_jax.train import checkpoints, flops as flops_lib
+from sphinx_jax.train import export as export_lib
 from sphinx_jax.train import optimizer as opt_lib
 from sphinx_jax.train import state as state_lib
 from sphinx_jax.train import step as step_lib
@@ -66,13 +67,13 @@ class MetricsLog:
 
 
 def init_inputs(model_config, batch: int = 1):
-  """Smallest inputs that build every parameter: [BOS, 1 token], one image (uint8) and has_image when the model
-  has towers (a text-only model takes no image)."""
-  tokens = jnp.ones((batch, 2), jnp.int32)
+  """Shapes of the smallest inputs that build every parameter: [BOS, 1 token], one uint8 image and has_image when
+  the model has towers (a text-only model takes no image). Abstract, for `lazy_init`."""
+  tokens = jax.ShapeDtypeStruct((batch, 2), jnp.int32)
   if not model_config.towers:
     return (tokens,)
   s = model_config.image_size
-  return tokens, jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.ones((batch,), bool)
+  return tokens, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((batch,), bool)
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -85,11 +86,12 @@ def to_global(batch: dict, sharding) -> dict:
 
 
 def apply_fn(model: Sphinx):
-  """(params, batch) -> logits aligned with batch["tokens"]; a text-only model ignores the image fields."""
+  """(params, batch) -> logits aligned with batch["tokens"]. Text batches (no "images": text-only groups, or a
+  model without towers) run the decoder alone; the batch's keys are static, so each kind compiles once."""
   with_towers = bool(model.config.towers)
 
   def apply(params, batch):
-    if not with_towers:
+    if not with_towers or "images" not in batch:
       return model.apply({"params": params}, batch["tokens"])
     return model.apply({"params": params}, batch["tokens"], batch["images"], batch["has_image"])
   return apply
@@ -125,7 +127,8 @@ def build(config, mesh, rules) -> Program:
   def boxed_init():
     # The key is made inside the traced function: an eager op has no device to run on under the topology
     # mesh of `sphinx-jax compile`.
-    return model.init(jax.random.key(config.seed), *init_inputs(config.model))["params"]
+    # lazy_init computes only the initialisers, not the forward pass on dummy inputs (whose compile dominated).
+    return model.lazy_init(jax.random.key(config.seed), *init_inputs(config.model))["params"]
 
   abstract_params = sh.strip_boxes(jax.eval_shape(boxed_init))
   tx, schedule = opt_lib.make_optimizer(abstract_params, config.train)
@@ -168,8 +171,11 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
                                   image_words=cfg.image_tokens(config.model))
     if data_state is not None:
       data.set_state(data_state)
-    return _run(config, workdir, lead, program.model, tokenizer, manager, data, state, program.step,
-                program.batch_sharding, stop_after)
+    summary = _run(config, workdir, lead, program.model, tokenizer, manager, data, state, program.step,
+                   program.batch_sharding, stop_after)
+  if config.train.get("export_to") and summary["last_step"] == config.train.num_steps:
+    summary["export"] = str(export_lib.export(workdir, config.train.export_to, overwrite=True))
+  return summary
 
 
 def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after):
@@ -189,7 +195,7 @@ def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, 
     for step in bar:
       batch = next(data)
       window_tokens += int(batch["tokens"].size)
-      window_images += int(np.sum(batch["has_image"]))
+      window_images += int(np.sum(batch.get("has_image", 0)))
       state, metrics = jitted(state, to_global(batch, in_batch))
       pending.append(metrics)
       done = step + 1

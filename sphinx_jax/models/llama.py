@@ -1,0 +1,210 @@
+"""LLaMA-2 / TinyLlama decoder; mirrors `Transformer` of LLaMA2-Accessory `accessory/model/LLM/llama.py`, the
+language model inside every `llama_ens*` SPHINX (SPHINX.md §2.1).
+
+Letters: B batch, T query length, S key length (the cache length when decoding), L layers, D width, N query
+heads, K KV heads, H head dim, F FFN width, V vocab.
+In:  tokens int[B, T] or embeddings float[B, T, D] (SPHINX feeds its image-token prefix this way), positions
+     int[B, T] (RoPE angle and causal order), segment_ids int[B, T] (0 = padding; packing keeps segments apart).
+Out: logits float[B, T, V] (float[B, 1, V] with last_only) and the updated cache (None without one).
+KV cache (static shapes; `init_cache`): {"k", "v": [L, B, S, K, H], "positions", "segments": int[B, S],
+"index": int32[]}; a call writes its T entries at slots index..index+T-1, so a prefill of P tokens is followed by
+single-token steps. Empty slots carry segment 0 and are masked out.
+Not ported: fairscale model parallelism (sharding comes from the logical axes), the original's float mask
+argument (masks come from positions and segment ids).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from sphinx_jax import sharding as sh
+from sphinx_jax.config import ffn_hidden_dim
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.models import layers
+
+ACTIVATION_AXES = (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)
+
+
+def _constrain(x):
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def _cudnn_attention(q, k, v, mask, implementation="cudnn"):
+  """jax.nn.dot_product_attention (GQA native); mask bool[B, T, S] broadcast over heads."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+
+
+def attention_backend(name: str):
+  """The attention core named by `config.attention`: (q [B,T,N,H], k, v [B,S,K,H], mask bool[B,T,S]) -> [B,T,N,H]."""
+  if name == "xla":
+    return layers.dot_product_attention
+  if name == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise SphinxError(f"config.model.llm.attention='cudnn' needs a GPU, but JAX runs on "
+                        f"{jax.default_backend()!r}; use 'xla'.")
+    return _cudnn_attention
+  if name == "splash":
+    raise SphinxError("config.model.llm.attention='splash': the Pallas splash backend is not implemented yet; "
+                      "use 'xla' (any device) or 'cudnn' (GPU).")
+  raise SphinxError(f"config.model.llm.attention={name!r}: unknown backend; use 'xla', 'cudnn' or 'splash'.")
+
+
+def init_cache(llm, batch: int, length: int, dtype=jnp.float32):
+  """An empty KV cache for `length` positions (prompt + new tokens), every slot invalid (segment 0)."""
+  shape = (llm.n_layers, batch, length, llm.n_kv_heads, llm.dim // llm.n_heads)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "positions": jnp.zeros((batch, length), jnp.int32), "segments": jnp.zeros((batch, length), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def _write(buffer, values, index):
+  """Writes values [B, T, ...] into buffer [B, S, ...] at slots index..index+T-1."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), index, axis=1)
+
+
+class Attention(nn.Module):
+  """Mirrors `Attention`: q/k/v projections, interleaved RoPE, GQA, out projection. float[B,T,D] -> same."""
+  config: ml_collections.ConfigDict
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index):
+    c = self.config
+    b, t, d = x.shape
+    h = d // c.n_heads
+    proj = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    q = checkpoint_name(proj(c.n_heads * h, (sh.EMBED, sh.HEADS), "query")(x), "query_proj")
+    k = checkpoint_name(proj(c.n_kv_heads * h, (sh.EMBED, sh.KV_HEADS), "key")(x), "key_proj")
+    v = checkpoint_name(proj(c.n_kv_heads * h, (sh.EMBED, sh.KV_HEADS), "value")(x), "value_proj")
+    q = layers.apply_rope(q.reshape(b, t, c.n_heads, h), positions, c.rope_theta, c.rope_scaling)
+    k = layers.apply_rope(k.reshape(b, t, c.n_kv_heads, h), positions, c.rope_theta, c.rope_scaling)
+    v = v.reshape(b, t, c.n_kv_heads, h)
+    new_cache = None
+    if layer_cache is not None:
+      new_cache = {"k": _write(layer_cache["k"], k, cache_index), "v": _write(layer_cache["v"], v, cache_index)}
+      k, v = new_cache["k"], new_cache["v"]
+    out = attention_backend(c.attention)(q, k, v, mask)
+    return proj(d, (sh.HEADS, sh.EMBED), "out")(out.reshape(b, t, c.n_heads * h)), new_cache
+
+
+class FeedForward(nn.Module):
+  """Mirrors `FeedForward`: down(silu(gate x) * up x), gate = w1, up = w3, down = w2. float[B,T,D] -> same."""
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    proj = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = checkpoint_name(proj(self.hidden, (sh.EMBED, sh.MLP), "gate")(x), "mlp_gate")
+    up = checkpoint_name(proj(self.hidden, (sh.EMBED, sh.MLP), "up")(x), "mlp_up")
+    return proj(x.shape[-1], (sh.MLP, sh.EMBED), "down")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  """Mirrors `TransformerBlock`: h = x + attn(norm(x)); out = h + ffn(norm(h)).
+
+  Scan-shaped: (x float[B,T,D], layer_cache {"k","v": [B,S,K,H]} | None, positions int[B,T], mask bool[B,T,S],
+  cache_index int32[]) -> (out float[B,T,D], new layer_cache | None).
+  """
+  config: ml_collections.ConfigDict
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, mask, cache_index):
+    c = self.config
+    norm = functools.partial(layers.RMSNorm, eps=c.norm_eps, param_dtype=self.param_dtype)
+    attn, new_cache = Attention(c, self.dtype, self.param_dtype, name="attention")(
+        norm(name="attention_norm")(x), positions, mask, layer_cache, cache_index)
+    h = _constrain(x + attn)
+    ffn = FeedForward(ffn_hidden_dim(c), self.dtype, self.param_dtype, name="mlp")(norm(name="ffn_norm")(h))
+    return _constrain(h + ffn), new_cache
+
+
+class Llama(nn.Module):
+  """The decoder: embed -> L blocks -> final RMSNorm -> untied lm_head (no biases anywhere).
+
+  `scan_layers` stacks the blocks' params on a leading [L] axis ('layers/...'); otherwise 'layers_0/...'.
+  `embed(tokens)` alone gives float[B, T, D] for callers that build their own input sequence.
+  """
+  config: ml_collections.ConfigDict
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                          embedding_init=layers.partitioned(nn.initializers.normal(1.0), (sh.VOCAB, sh.EMBED)))
+    block = layers.remat_block(Block, c.remat_policy)
+    if c.scan_layers:
+      # Scan over (layer params, layer cache); positions, mask and the write index are shared by every layer.
+      scanned = layers.scan_blocks(block, c.n_layers, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
+      self.layers = scanned(c, self.dtype, self.param_dtype)
+    else:
+      self.layers = [block(c, self.dtype, self.param_dtype) for _ in range(c.n_layers)]
+    self.final_norm = layers.RMSNorm(eps=c.norm_eps, param_dtype=self.param_dtype)
+    self.lm_head = layers.dense(c.vocab_size, (sh.EMBED, sh.VOCAB), "lm_head", dtype=self.dtype,
+                                param_dtype=self.param_dtype)
+
+  def _blocks(self, x, layer_caches, positions, mask, index):
+    if self.config.scan_layers:
+      return self.layers(x, layer_caches, positions, mask, index)
+    outs = []
+    for i, block in enumerate(self.layers):
+      x, out = block(x, None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches),
+                     positions, mask, index)
+      outs.append(out)
+    return x, None if layer_caches is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  def __call__(self, tokens=None, *, embeddings=None, positions, segment_ids=None, cache=None, last_only=False):
+    """Args: tokens int[B, T] xor embeddings float[B, T, D]; positions int[B, T]; segment_ids int[B, T] (default
+    all 1); cache from `init_cache` or a previous call; last_only: logits of the last position only.
+    Returns: (logits float[B, T or 1, V] in `dtype`, updated cache or None).
+    """
+    if (tokens is None) == (embeddings is None):
+      raise SphinxError("Llama: pass exactly one of tokens and embeddings.")
+    x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+    x = _constrain(x)
+    if segment_ids is None:
+      segment_ids = jnp.ones(positions.shape, jnp.int32)
+    if cache is None:
+      kv_positions, kv_segments, index, layer_caches = positions, segment_ids, None, None
+    else:
+      index = cache["index"]
+      kv_positions = _write(cache["positions"], positions, index)
+      kv_segments = _write(cache["segments"], segment_ids, index)
+      layer_caches = {"k": cache["k"], "v": cache["v"]}
+    mask = layers.attention_mask(positions, kv_positions, causal=True, q_segments=segment_ids,
+                                 kv_segments=kv_segments)
+    x, layer_caches = self._blocks(x, layer_caches, positions, mask, index)
+    if last_only:
+      x = x[:, -1:]
+    logits = self.lm_head(self.final_norm(x))
+    if cache is None:
+      return logits, None
+    return logits, dict(layer_caches, positions=kv_positions, segments=kv_segments,
+                        index=index + positions.shape[1])
+
+
+def unstack_layers(params, n_layers: int):
+  """Scanned tree ('layers/...' with a leading [L] axis) -> unscanned ('layers_0/...', ...), same values.
+
+  Decoding often runs faster unscanned: a scan slices every layer's weights out of the stack each step.
+  """
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n_layers)})
+  return out
+
+
+def stack_layers(params, n_layers: int):
+  """Inverse of `unstack_layers`."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(params[f"layers_{i}"] for i in range(n_layers)))
+  return out

@@ -1,0 +1,355 @@
+"""The decoder against transformers.LlamaForCausalLM (4.57.6, eager attention) through convert/hf.py: logits,
+greedy continuation, key/bit round trip, KV-cache decoding, remat policies, backends and bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax import traverse_util
+
+from sphinx_jax.convert import hf
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.inference.decode import for_decoding, make_generate
+from sphinx_jax.models import layers
+from sphinx_jax.models.llama import (Llama, _cudnn_attention, attention_backend, init_cache, stack_layers,
+                                     unstack_layers)
+
+VOCAB, PROMPT = 128, 12
+
+
+def hf_llama(kv_heads, seed=0, **overrides):
+  """Tiny LlamaForCausalLM with every weight random, norm weights included (ones would hide a missing norm)."""
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=1e4,
+      tie_word_embeddings=False, **overrides)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.uniform_(0.5, 1.5)
+      elif "embed_tokens" in name:
+        p.normal_(0.0, 1.0)
+      else:
+        p.normal_(0.0, p.shape[1] ** -0.5)
+  model.generation_config.eos_token_id = None  # greedy runs its full length
+  return model
+
+
+def state_dict(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def ours_from(model, scan_layers, **llm_overrides):
+  llm = hf.llm_config_from_hf(model.config.to_dict())
+  llm.update(dict(scan_layers=scan_layers, **llm_overrides))
+  return Llama(llm), hf.params_from_hf(state_dict(model), llm, scan_layers)
+
+
+def tokens(batch, length, seed=1):
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def arange_positions(batch, length, start=0):
+  return jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), (batch, length))
+
+
+def hf_logits(model, toks):
+  with torch.no_grad():
+    return model(torch.from_numpy(toks).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_logits_match_hf(kv_heads, scan_layers):
+  model = hf_llama(kv_heads)
+  ours, params = ours_from(model, scan_layers)
+  toks = tokens(2, PROMPT)
+  logits, _ = ours.apply({"params": params}, jnp.asarray(toks), positions=arange_positions(2, PROMPT))
+  expected = hf_logits(model, toks)
+  assert np.abs(expected).max() > 1.0  # random weights give logits far from zero, so 1e-4 is a real bound
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
+
+
+def test_linear_rope_scaling_matches_hf():
+  """HF linear factor f == accessory rope_scaling 1/f (positions multiplied); a wrong direction fails here."""
+  model = hf_llama(2, rope_scaling={"rope_type": "linear", "factor": 4.0})
+  ours, params = ours_from(model, True)
+  assert ours.config.rope_scaling == 0.25
+  toks = tokens(1, PROMPT)
+  logits, _ = ours.apply({"params": params}, jnp.asarray(toks), positions=arange_positions(1, PROMPT))
+  np.testing.assert_allclose(np.asarray(logits), hf_logits(model, toks), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_greedy_continuation_matches_hf(scan_layers):
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  if not scan_layers:
+    ours, params = for_decoding(ours, params)  # the unscanned model the decode loop prefers
+    assert not ours.config.scan_layers and "layers_1" in params
+  toks = tokens(2, PROMPT, seed=3)
+  with torch.no_grad():
+    expected = model.generate(torch.from_numpy(toks).long(), attention_mask=torch.ones(toks.shape, dtype=torch.long),
+                              max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()[:, PROMPT:]
+  got = make_generate(ours, 16)(params, jnp.asarray(toks))
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  assert len(set(expected.ravel().tolist())) > 2  # a real continuation, not one repeated token
+
+
+def test_left_padded_row_decodes_like_the_unpadded_prompt():
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  toks = tokens(2, PROMPT, seed=4)
+  short = toks[1, 4:]
+  padded = toks.copy()
+  padded[1, :4] = 0
+  segments = np.ones_like(toks)
+  segments[1, :4] = 0
+  generate = make_generate(ours, 8)
+  batch = generate(params, jnp.asarray(padded), segment_ids=jnp.asarray(segments))
+  alone = make_generate(ours, 8)(params, jnp.asarray(short[None]))
+  np.testing.assert_array_equal(np.asarray(batch[1]), np.asarray(alone[0]))
+  np.testing.assert_array_equal(np.asarray(batch[0]), np.asarray(generate(params, jnp.asarray(toks))[0]))
+
+
+def test_generation_stops_at_eos():
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  toks = tokens(1, PROMPT, seed=3)
+  free = np.asarray(make_generate(ours, 8)(params, jnp.asarray(toks)))[0]
+  eos = int(free[2])  # make the third generated token the end
+  stopped = np.asarray(make_generate(ours, 8, eos_id=eos)(params, jnp.asarray(toks)))[0]
+  first = int(np.argmax(free == eos))
+  np.testing.assert_array_equal(stopped[:first + 1], free[:first + 1])
+  assert (stopped[first:] == eos).all()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_hf_roundtrip_is_bit_exact(scan_layers):
+  model = hf_llama(2)
+  source = state_dict(model)
+  llm = hf.llm_config_from_hf(model.config.to_dict())
+  back = dict(hf.hf_from_params(hf.params_from_hf(source, llm, scan_layers), llm))
+  assert list(back) == list(source)  # same keys, HF state_dict order
+  for key, value in source.items():
+    assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_query_key_rows_become_interleaved_pairs():
+  """Row permutation by hand: head 0 of a rotate-half q_proj with H=4 has rows (a0 a1 | b0 b1) -> a0 b0 a1 b1."""
+  llm = hf.llm_config_from_hf(hf_llama(2).config.to_dict())
+  llm.n_heads = 2
+  w = np.arange(8)[:, None] * np.ones((1, 3))  # 2 heads x H=4 rows, D=3
+  ours = hf.QUERY[0](w, llm)
+  np.testing.assert_array_equal(ours[0], [0, 2, 1, 3, 4, 6, 5, 7])
+  np.testing.assert_array_equal(hf.QUERY[1](ours, llm), w)
+
+
+class CountingSource(dict):
+  """A lazy-looking source that records every tensor read."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.reads = []
+
+  def __getitem__(self, key):
+    self.reads.append(key)
+    return super().__getitem__(key)
+
+
+def test_params_from_hf_reads_each_tensor_once():
+  model = hf_llama(2)
+  source = CountingSource(state_dict(model))
+  hf.params_from_hf(source, hf.llm_config_from_hf(model.config.to_dict()), True)
+  assert sorted(source.reads) == sorted(source)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight"),
+    (lambda sd: sd.update({"model.norm.weight": np.ones(65, np.float32)}), "model.norm.weight"),
+    (lambda sd: sd.update({"model.layers.2.mlp.up_proj.weight": np.ones(1, np.float32)}),
+     "model.layers.2.mlp.up_proj.weight"),
+    (lambda sd: sd.update({"model.rotary_emb.inv_freq": np.ones(8, np.float32)}), "model.rotary_emb.inv_freq"),
+])
+def test_params_from_hf_names_bad_tensors(edit, named):
+  model = hf_llama(2)
+  source = state_dict(model)
+  edit(source)
+  with pytest.raises(SphinxError, match=named.replace(".", r"\.")):
+    hf.params_from_hf(source, hf.llm_config_from_hf(model.config.to_dict()), True)
+
+
+def test_config_roundtrip_through_transformers():
+  model = hf_llama(2, rope_scaling={"rope_type": "linear", "factor": 2.0})
+  llm = hf.llm_config_from_hf(model.config.to_dict())
+  rebuilt = transformers.LlamaConfig(**hf.hf_config_from_llm(llm))
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+                "tie_word_embeddings", "head_dim"):
+    assert getattr(rebuilt, field) == getattr(model.config, field), field
+  assert hf.llm_config_from_hf(rebuilt.to_dict()).to_dict() == llm.to_dict()
+
+
+@pytest.mark.parametrize("field, value", [("tie_word_embeddings", True), ("attention_bias", True),
+                                          ("mlp_bias", True), ("hidden_act", "gelu"),
+                                          ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
+                                          ("head_dim", 32), ("model_type", "mistral")])
+def test_llm_config_from_hf_rejects_what_the_original_cannot_express(field, value):
+  config = hf_llama(2).config.to_dict()
+  config[field] = value
+  with pytest.raises(SphinxError, match=field):
+    hf.llm_config_from_hf(config)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_kv_cache_decoding_equals_full_forward(scan_layers):
+  model = hf_llama(2)
+  ours, params = ours_from(model, scan_layers)
+  apply = jax.jit(ours.apply)
+  batch, prefill, steps = 3, 7, 8
+  toks = jnp.asarray(tokens(batch, prefill + steps, seed=5))
+  full, _ = apply({"params": params}, toks, positions=arange_positions(batch, prefill + steps))
+  cache = init_cache(ours.config, batch, prefill + steps + 3)  # spare slots stay masked
+  step_logits, cache = apply({"params": params}, toks[:, :prefill], positions=arange_positions(batch, prefill),
+                             cache=cache)
+  pieces = [step_logits]
+  for t in range(prefill, prefill + steps):
+    step_logits, cache = apply({"params": params}, toks[:, t:t + 1], positions=arange_positions(batch, 1, t),
+                               cache=cache)
+    pieces.append(step_logits)
+  assert int(cache["index"]) == prefill + steps
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(full), rtol=0, atol=1e-5)
+
+
+def test_embeddings_input_equals_tokens_input():
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  toks = jnp.asarray(tokens(2, PROMPT))
+  pos = arange_positions(2, PROMPT)
+  embedded = ours.apply({"params": params}, toks, method=lambda m, t: m.embed(t))
+  np.testing.assert_array_equal(np.asarray(embedded), params["embed"]["embedding"][np.asarray(toks)])
+  by_tokens, _ = ours.apply({"params": params}, toks, positions=pos)
+  by_embeddings, _ = ours.apply({"params": params}, embeddings=embedded, positions=pos)
+  np.testing.assert_array_equal(np.asarray(by_tokens), np.asarray(by_embeddings))
+
+
+def test_packed_segments_do_not_see_each_other():
+  """Two sequences packed in one row give the logits each gets alone (positions restart per segment)."""
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  a, b = tokens(1, 5, seed=6), tokens(1, 7, seed=7)
+  packed = jnp.asarray(np.concatenate([a, b], axis=1))
+  positions = jnp.asarray(np.concatenate([np.arange(5), np.arange(7)])[None], jnp.int32)
+  segments = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+  logits, _ = ours.apply({"params": params}, packed, positions=positions, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(logits[:, :5]), hf_logits(model, a), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits[:, 5:]), hf_logits(model, b), rtol=0, atol=1e-4)
+
+
+def loss_and_grads(policy, scan_layers):
+  model = hf_llama(2)
+  ours, params = ours_from(model, scan_layers, remat_policy=policy)
+  toks = jnp.asarray(tokens(2, PROMPT, seed=8))
+
+  def loss(p):
+    logits, _ = ours.apply({"params": p}, toks[:, :-1], positions=arange_positions(2, PROMPT - 1))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1).mean()
+
+  return jax.jit(jax.value_and_grad(loss))(jax.tree.map(jnp.asarray, params))
+
+
+@pytest.mark.parametrize("scan_layers, policies", [
+    (True, [p for p in layers.REMAT_POLICIES if p != "none"]),
+    (False, ["save_qkv_mlp"]),  # the unscanned path wraps each block the same way; one policy shows it works
+], ids=["scan", "loop"])
+def test_remat_policies_keep_loss_and_grads(scan_layers, policies):
+  ref_loss, ref_grads = loss_and_grads("none", scan_layers)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(ref_grads))
+  for policy in policies:
+    loss, grads = loss_and_grads(policy, scan_layers)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=policy)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=policy),
+                 grads, ref_grads)
+
+
+def test_remat_policy_changes_what_is_saved(capsys):
+  """Fewer residuals under 'full' than 'save_qkv_mlp' than 'none': the policy really reaches the blocks."""
+  model = hf_llama(2)
+  toks = jnp.asarray(tokens(1, PROMPT))
+
+  def saved(policy):
+    ours, params = ours_from(model, True, remat_policy=policy)
+    f = lambda p: ours.apply({"params": p}, toks, positions=arange_positions(1, PROMPT))[0].sum()
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(f, jax.tree.map(jnp.asarray, params))
+    return len(capsys.readouterr().out.splitlines())
+
+  assert saved("full") < saved("save_qkv_mlp") < saved("none")
+
+
+def test_jax_sdpa_core_matches_the_xla_reference():
+  """The cuDNN backend's call (jax.nn.dot_product_attention, here on its XLA path) agrees with our reference."""
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
+  mask = layers.attention_mask(arange_positions(2, 5, 2), arange_positions(2, 7), causal=True)
+  np.testing.assert_allclose(np.asarray(_cudnn_attention(q, k, v, mask, implementation="xla")),
+                             np.asarray(layers.dot_product_attention(q, k, v, mask)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, says", [("cudnn", "needs a GPU"), ("splash", "not implemented")])
+def test_unavailable_backends_say_so(name, says):
+  if name == "cudnn" and jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  with pytest.raises(SphinxError, match=says):
+    attention_backend(name)
+  model = hf_llama(2)
+  ours, params = ours_from(model, True, attention=name)
+  with pytest.raises(SphinxError, match="config.model.llm.attention"):
+    ours.apply({"params": params}, jnp.asarray(tokens(1, 4)), positions=arange_positions(1, 4))
+
+
+def test_exactly_one_input():
+  model = hf_llama(2)
+  ours, params = ours_from(model, True)
+  with pytest.raises(SphinxError, match="exactly one of tokens and embeddings"):
+    ours.apply({"params": params}, positions=arange_positions(1, 4))
+
+
+def test_parameter_tree_contract():
+  """The tree the checkpoint/CLI code is written against: paths, shapes and logical axes."""
+  llm = hf.llm_config_from_hf(hf_llama(2).config.to_dict())
+  boxed = jax.eval_shape(lambda: Llama(llm).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                                                 positions=jnp.zeros((1, 1), jnp.int32)))["params"]
+  flat = traverse_util.flatten_dict(boxed, is_leaf=lambda _, x: isinstance(x, nn.Partitioned), sep="/")
+  specs = {path: (box.value.shape, box.names) for path, box in flat.items()}
+  L, D, F, V = 2, 64, 172, VOCAB
+  assert specs == {
+      "embed/embedding": ((V, D), ("vocab", "embed")),
+      "layers/attention_norm/weight": ((L, D), ("layers", "embed")),
+      "layers/attention/query/kernel": ((L, D, 64), ("layers", "embed", "heads")),
+      "layers/attention/key/kernel": ((L, D, 32), ("layers", "embed", "kv_heads")),
+      "layers/attention/value/kernel": ((L, D, 32), ("layers", "embed", "kv_heads")),
+      "layers/attention/out/kernel": ((L, 64, D), ("layers", "heads", "embed")),
+      "layers/ffn_norm/weight": ((L, D), ("layers", "embed")),
+      "layers/mlp/gate/kernel": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/mlp/up/kernel": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/mlp/down/kernel": ((L, F, D), ("layers", "mlp", "embed")),
+      "final_norm/weight": ((D,), ("embed",)),
+      "lm_head/kernel": ((D, V), ("embed", "vocab")),
+  }
+
+
+def test_stack_and_unstack_layers_keep_the_model():
+  model = hf_llama(2)
+  _, scanned = ours_from(model, True)
+  _, loop = ours_from(model, False)
+  unstacked = unstack_layers(jax.tree.map(jnp.asarray, scanned), 2)
+  jax.tree.map(np.testing.assert_array_equal, unstacked, loop)
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(unstacked, 2), scanned)
