@@ -19,8 +19,10 @@ SUBCOMMANDS = {
     "convert": "sphinx_jax.convert.cli:add_convert_parser",
     "inspect": "sphinx_jax.convert.cli:add_inspect_parser",
     "train": "sphinx_jax.train.cli:add_train_parser",
+    "generate": "sphinx_jax.inference.cli:add_generate_parser",
     "mix": "sphinx_jax.mixing:add_mix_parser",
     "export": "sphinx_jax.train.export:add_export_parser",
+    "eval": "sphinx_jax.eval.runner:add_eval_parser",
 }
 
 

@@ -7,9 +7,10 @@ Nothing is materialised: the train state is the abstract state of `train.loop.bu
 
 Steps compiled (`--steps`, default all):
   train    the stage-2 step of `sphinx-jax train`: towers forward (frozen) + fusion + decoder forward/backward +
-           AdamW, on config.data.global_batch_size rows of config.data.max_len tokens and one image each.
-  prefill  generation's first call (inference/generate.py `prefill`): images and a max_len/2-token prompt into
-           a KV cache of image_tokens + max_len slots; weights held in the compute dtype.
+           AdamW, on config.data.global_batch_size rows of config.data.max_len decoder positions (image ones
+           included, as data/pipeline.py batches them) and one image each.
+  prefill  generation's first call (inference/generate.py `prefill`): images and a prompt of half the text
+           budget (max_len - image positions) into a KV cache of max_len slots; weights in the compute dtype.
   decode   one KV-cached token of generation (`step`) with that cache.
 Per step and chip: the compiler's memory analysis (arguments, outputs, aliased, temporaries, generated code;
 peak = arguments + outputs - aliased + temporaries + code), against the chip's HBM. A step the compiler
@@ -87,7 +88,7 @@ class Report:
 
   @property
   def tokens_per_chip_s(self) -> float:
-    return self.rows * (self.max_len + self.image_tokens) / self.step_time / self.topology.chips
+    return self.rows * self.max_len / self.step_time / self.topology.chips  # image positions included
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -152,8 +153,10 @@ def check_batch(config, mesh) -> None:
 
 
 def train_inputs(config, sharding) -> dict:
-  """The abstract batch of data/pipeline.py: tokens, loss_mask [B, max_len], uint8 images, has_image [B]."""
-  b, length, side = config.data.global_batch_size, config.data.max_len, config.model.image_size
+  """The abstract image batch of data/pipeline.py: tokens, loss_mask [B, max_len - image_words] (the image
+  positions complete the decoder's max_len), uint8 images, has_image [B]."""
+  b, side = config.data.global_batch_size, config.model.image_size
+  length = config.data.max_len - cfg.image_tokens(config.model)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
   return dict(tokens=spec((b, length), jnp.int32), loss_mask=spec((b, length), bool),
               images=spec((b, side, side, 3), jnp.uint8), has_image=spec((b,), bool))
@@ -186,7 +189,7 @@ def lower_generation(program, config, mesh, rules):
   from sphinx_jax.inference import generate
   model, rows = program.model, config.data.global_batch_size
   image_words = cfg.image_tokens(config.model)
-  cache_len, prompt = image_words + config.data.max_len, config.data.max_len // 2
+  cache_len, prompt = config.data.max_len, (config.data.max_len - image_words) // 2
   params = compute_dtype_params(abstract(program.abstract_state.params, program.state_shardings.params),
                                 jnp.dtype(config.model.dtype))
   batch = program.batch_sharding
@@ -251,7 +254,7 @@ def run(config, topology_name: str, *, num_slices: int = 1, steps=STEPS, mfu: fl
       variant=config.model.get("variant", "?"), topology=topology, mesh=dict(mesh.shape), rows=rows,
       max_len=length, image_tokens=image_words, accum_steps=config.train.accum_steps,
       remat=config.model.llm.remat_policy, steps=reports,
-      train_flops=flops_lib.step_flops(config.model, rows, length + image_words), mfu=mfu)
+      train_flops=flops_lib.step_flops(config.model, rows, length), mfu=mfu)
 
 
 def _gib(n: int) -> str:
@@ -265,7 +268,7 @@ def format_report(r: Report) -> str:
       f"{r.variant} on {t.name}{slices}: {t.chips} chips ({t.devices[0].device_kind}, grid "
       f"{'x'.join(map(str, t.grid))}, {_gib(g.hbm_bytes)} GiB HBM each); mesh "
       + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
-      f"batch {r.rows} rows x {r.max_len} tokens + {r.image_tokens} image positions; accum_steps "
+      f"batch {r.rows} rows x {r.max_len} positions ({r.image_tokens} of them image); accum_steps "
       f"{r.accum_steps}; remat {r.remat}",
       f"{'step':8} {'fits':>4} {'compile s':>9} {'args GiB':>9} {'out GiB':>8} {'alias GiB':>9} {'temp GiB':>9} "
       f"{'code GiB':>8} {'peak GiB':>9} {'HBM GiB':>8}",

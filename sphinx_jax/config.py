@@ -21,6 +21,7 @@ from sphinx_jax.errors import SphinxError
 TOWER_ORDER = ("qformer", "clip", "convnext", "dinov2")  # qformer tokens first; [clip|convnext|dinov2] channels
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj", "save_qkv_mlp")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+MOE_DISPATCHES = ("dense", "grouped")  # models/moe.py
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
@@ -29,7 +30,7 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
       vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
       multiple_of=256, ffn_dim_multiplier=None, hidden_dim=None,  # hidden_dim fixes the FFN width (Mixtral)
       norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=4096,
-      moe=None,  # ConfigDict(num_experts, top_k, load_balancing_weight) for Mixtral
+      moe=None,  # ConfigDict(num_experts, top_k, load_balancing_weight, dispatch) for Mixtral
       scan_layers=True, remat_policy="none", attention="xla",
   ))
   c.update(overrides)
@@ -42,9 +43,14 @@ def tinyllama_config(**overrides):
 
 
 def mixtral_config(**overrides):
-  """Mixtral-8x7B (SPHINX-MoE, SPHINX.md §2.2): 8 experts, top-2, rope theta 1e6."""
+  """Mixtral-8x7B (SPHINX-MoE, SPHINX.md §2.2): 8 experts, top-2, rope theta 1e6.
+
+  `moe` overrides merge into the default; `moe.dispatch` is models/moe.py's 'grouped' (sorted tokens, ragged
+  matmuls) or 'dense' (every expert on every token, the reference).
+  """
+  moe = {**dict(num_experts=8, top_k=2, load_balancing_weight=0.0, dispatch="grouped"), **overrides.pop("moe", {})}
   return llm_config(**{**dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=1e6,
-                              moe=dict(num_experts=8, top_k=2, load_balancing_weight=0.0)), **overrides})
+                              moe=moe), **overrides})
 
 
 def ffn_hidden_dim(llm) -> int:
@@ -178,6 +184,11 @@ def validate(config, num_devices: int | None = None) -> None:
          f"unknown policy {llm.remat_policy!r}; use one of {REMAT_POLICIES}.")
   _check(llm.attention in ATTENTION_BACKENDS, "model.llm.attention",
          f"unknown backend {llm.attention!r}; use one of {ATTENTION_BACKENDS}.")
+  if llm.get("moe"):
+    _check(llm.moe.get("dispatch") in MOE_DISPATCHES, "model.llm.moe.dispatch",
+           f"unknown dispatch {llm.moe.get('dispatch')!r}; use one of {MOE_DISPATCHES}.")
+    _check(0 < llm.moe.top_k <= llm.moe.num_experts, "model.llm.moe.top_k",
+           f"{llm.moe.top_k} experts per token out of {llm.moe.num_experts}; choose 1..num_experts.")
   unknown = [t for t in model.towers if t not in TOWER_BUILDERS]
   _check(not unknown, "model.towers", f"unknown tower(s) {unknown}; known: {sorted(TOWER_BUILDERS)}.")
   _check(model.views in (1, 5), "model.views", f"{model.views} views; SPHINX uses 1 or 5.")

@@ -6,6 +6,12 @@ The handle holds `.params` (the parameter pytree), `.config` (the resolved confi
 models/sphinx.py `Sphinx` (the image block, when given, sits between BOS and the text and is dropped from the
 output). `images`: float[B, S, S, 3] CLIP-normalised or uint8[B, S, S, 3] pixels, S = config.model.image_size.
 One jitted function serves every call (XLA compiles once per input shape).
+
+Chat and generation (inference/generate.py, SPHINX.md §9): `.chat(image, question, history=[(q, a), ...],
+**sampling) -> str` renders the conversation template and returns the reply (what the original's
+`generate_response` does); `.generate(images, prompts, **sampling) -> list[str]` runs a batch of raw prompts.
+`image` is a path, bytes, a PIL image, uint8[H, W, 3] pixels (padded-resized here like the original) or None;
+sampling: max_new_tokens, temperature (0 = greedy), top_p, seed — the original's defaults below.
 """
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sphinx_jax import checkpoint
+from sphinx_jax.data import conversation, image as image_data
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import sphinx as sphinx_model
 
 MODEL_PARTS = ("llm", "towers", "fusion")  # other top-level keys (accessory `extras`) are kept for export only
+CHAT_DEFAULTS = dict(max_new_tokens=512, temperature=0.1, top_p=0.5, seed=0)  # `generate_response` defaults
 
 
 class Sphinx:
@@ -38,6 +46,8 @@ class Sphinx:
       return model.apply({"params": params}, tokens, images).astype(jnp.float32)
 
     self._logits = jax.jit(logits)
+    self._model = model
+    self._generator = None
 
   def _check_tokens(self, tokens) -> np.ndarray:
     tokens = np.asarray(tokens)
@@ -67,6 +77,45 @@ class Sphinx:
       images = self._check_images(images, tokens.shape[0])
     params = {k: v for k, v in self.params.items() if k in MODEL_PARTS}
     return np.asarray(self._logits(params, tokens, images))
+
+
+  @property
+  def generator(self):
+    """The inference/generate.py Generator for these params (built once; its programs compile per bucket)."""
+    if self.tokenizer is None:
+      raise SphinxError(f"{self.source}: no tokenizer.model in this checkpoint; generation needs one "
+                        "(convert or mix from a directory that has it).")
+    if self._generator is None:
+      from sphinx_jax.inference.generate import Generator
+      params = {k: v for k, v in self.params.items() if k in MODEL_PARTS}
+      self._generator = Generator(self._model, params, self.tokenizer)
+    return self._generator
+
+  def pixels(self, image) -> np.ndarray:
+    """Any image (path, bytes, PIL, uint8[H, W, 3]) -> uint8[S, S, 3] padded-resized like the original."""
+    if isinstance(image, np.ndarray):
+      from PIL import Image
+      image = Image.fromarray(image.astype(np.uint8))
+    if not isinstance(image, (str, bytes, Path)):
+      return image_data.padded_resize(image.convert("RGB"), self.config.model.image_size)
+    return image_data.load_padded(str(image) if isinstance(image, Path) else image, self.config.model.image_size)
+
+  def generate(self, images, prompts, **sampling) -> list[str]:
+    """Replies to raw prompts (already in the template), one image (or None) per prompt."""
+    sampling = {**CHAT_DEFAULTS, **sampling}
+    if images is None or all(i is None for i in images):
+      return self.generator.generate(list(prompts), **sampling)
+    if not self.config.model.towers:
+      raise SphinxError(f"{self.source}: this checkpoint has no vision towers; pass images=None.")
+    side = self.config.model.image_size
+    pixels = np.stack([np.zeros((side, side, 3), np.uint8) if i is None else self.pixels(i) for i in images])
+    has_image = np.array([i is not None for i in images])
+    return self.generator.generate(list(prompts), pixels, has_image, **sampling)
+
+  def chat(self, image, question: str, history=(), **sampling) -> str:
+    """One reply of the SPHINX chat template to `question` after `history` [(question, answer), ...]."""
+    prompt = conversation.render_prompt(list(history), question)
+    return self.generate(None if image is None else [image], [prompt], **sampling)[0]
 
 
 def load(path, shardings=None) -> Sphinx:

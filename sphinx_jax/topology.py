@@ -130,5 +130,7 @@ def topology_mesh(mesh_config, topology: Topology) -> Mesh:
     return sh.make_mesh(mesh_config, topology.devices)
   from jax.experimental import mesh_utils
   dcn = (topology.num_slices,) + (1,) * (len(per_slice) - 1)
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=list(topology.devices))
+  # A per-slice axis may need part of a physical axis (fsdp 8 on a 4x4 v5e slice), as in the single-slice mesh.
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=list(topology.devices),
+                                              allow_split_physical_axes=True)
   return Mesh(np.asarray(grid), sh.MESH_AXES)

@@ -206,24 +206,14 @@ def tokenizer_model(tmp_path_factory):
 SIDE_SHAPES = {"clip": clip_model.side_shapes, "dinov2": dinov2_model.side_shapes}  # the towers with extras
 
 
-def moe_ffn_shapes(llm):
-  """The documented MoE tree (convert/accessory_llm.py) of a scanned decoder; the MoE decoder comes later."""
-  s = lambda *shape: jax.ShapeDtypeStruct((llm.n_layers, *shape), jnp.float32)
-  d, e, f = llm.dim, llm.moe.num_experts, llm.hidden_dim
-  return {"router": {"kernel": s(d, e)}, "gate": s(e, d, f), "up": s(e, d, f), "down": s(e, f, d)}
-
-
 def our_shapes(model):
   """{"llm", "towers", "fusion", "extras"} as jax.ShapeDtypeStruct: the model's own init (nothing allocated)
-  plus the side trees of the towers that carry unused leaves; MoE variants get the documented expert FFN."""
+  plus the side trees of the towers that carry unused leaves."""
   from sphinx_jax.models import sphinx as sphinx_model  # the whole model; test_accessory_convert needs only tables
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
   tree = nn.meta.unbox(jax.eval_shape(sphinx_model.Sphinx(model).init, jax.random.key(0), tokens, images))["params"]
   tree["extras"] = {t: SIDE_SHAPES[t](model[t]) for t in model.towers if t in SIDE_SHAPES}
-  if model.llm.get("moe"):
-    del tree["llm"]["layers"]["mlp"]
-    tree["llm"]["layers"]["moe"] = moe_ffn_shapes(model.llm)
   return tree
 
 

@@ -1,7 +1,6 @@
 """DINOv2 ViT-g/14 tower vs the official dinov2 code (PyPI `dinov2`), tiny width/depth, every weight random."""
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

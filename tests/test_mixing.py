@@ -318,7 +318,7 @@ def test_export_writes_the_params_of_a_training_checkpoint(tmp_path):
     export.export(tmp_path / "run", tmp_path / "other", step=3)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~4 min of CPU (four trainer runs); run on demand: pytest -m heavy
 def test_recipe_real_then_synthetic_then_mix_then_stage2(tmp_path):
   """configs/recipe_mix.py end to end at tiny size, by its own commands: two 2-step stage-1 runs (flat, then
   textured from the flat model), the mix with β, and a stage-2 run initialised from the mix."""

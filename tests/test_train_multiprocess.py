@@ -10,6 +10,8 @@ from train_helpers import ROOT, env, losses, run_train, train_args, write_corpus
 
 STEPS = 6
 
+pytestmark = pytest.mark.slow  # real subprocesses / whole-model compiles: the second CI stage
+
 
 def free_port():
   with socket.socket() as s:

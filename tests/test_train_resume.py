@@ -12,6 +12,8 @@ from train_helpers import losses, logged_steps, run_train, start_train, train_ar
 
 STEPS = 12
 
+pytestmark = pytest.mark.slow  # real subprocesses / whole-model compiles: the second CI stage
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

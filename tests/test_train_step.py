@@ -3,6 +3,7 @@ towers stay bit-identical and carry no optimizer state, and a non-finite loss sk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from configs.demo import ASSETS
@@ -31,6 +32,7 @@ def tiny_setup(steps):
   return c, mesh, batch
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_with_frozen_towers():
   c, mesh, batch = tiny_setup(steps=60)
   rules = sh.rules_from_config(c)
@@ -63,3 +65,31 @@ def test_non_finite_loss_skips_the_update():
     state, metrics = program.step(state, loop.to_global(batch, program.batch_sharding))
   assert int(metrics["skipped"]) == 1 and int(state.nonfinite_in_row) == 1 and int(state.nonfinite_total) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["llm"]), before)
+
+
+def test_moe_load_balancing_loss_joins_the_objective():
+  """A text-only Mixtral twin: the step's aux_loss is load_balancing_weight x the layers' mean balancing loss,
+  and the loss is the cross-entropy plus it."""
+  from configs.sphinx import TINY_LLMS
+  from sphinx_jax.models import moe
+  from sphinx_jax.train import loss as loss_lib
+
+  llm = TINY_LLMS["mixtral"]()
+  llm.moe.load_balancing_weight = 0.25
+  c = cfg.base_config(cfg.model_config(llm, (), 0, 1, dtype="float32"))
+  c.train.update(warmup_steps=0, num_steps=1, trainable="llm")
+  mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
+  rules = sh.rules_from_config(c)
+  tokens = np.random.default_rng(0).integers(1, llm.vocab_size, (2, 12)).astype(np.int32)
+  batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    program = loop.build(c, mesh, rules)
+    params = loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+    logits, sown = program.model.apply({"params": params}, tokens, mutable=["aux_loss"])
+    balance = float(moe.load_balancing_loss(sown["aux_loss"]))
+    ce, _ = loss_lib.next_token_loss(logits, tokens, batch["loss_mask"])
+    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+    _, metrics = program.step(state, loop.to_global(batch, program.batch_sharding))
+  assert balance > 0
+  np.testing.assert_allclose(float(metrics["aux_loss"]), 0.25 * balance, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), float(ce), rtol=1e-5)  # the reported CE

@@ -183,17 +183,18 @@ def _get(tree, path):
   return tree
 
 
-def params_from_hf(source: Mapping[str, Any], llm, scan_layers: bool) -> dict:
+def params_from_hf(source: Mapping[str, Any], llm, scan_layers: bool, layer_keys=LAYER_KEYS) -> dict:
   """HF tensors (any Mapping key -> array-like, read lazily one key at a time) -> our nested numpy tree.
 
   Peak memory is about one stacked leaf ([L, ...] when scanned). Every source key must be consumed.
+  `layer_keys` is the per-block map (convert/hf_mixtral.py passes Mixtral's).
   """
   shapes = _block_shapes(llm)
   params, consumed = {}, set()
   for path, (key, (to_ours, to_hf)) in GLOBAL_KEYS.items():
     _set(params, path, np.ascontiguousarray(to_ours(_read(source, key, _hf_shape(shapes[path], to_hf, llm)), llm)))
     consumed.add(key)
-  for path, (pattern, (to_ours, to_hf)) in LAYER_KEYS.items():
+  for path, (pattern, (to_ours, to_hf)) in layer_keys.items():
     hf_shape, stacked = _hf_shape(shapes[path], to_hf, llm), None
     for i in range(llm.n_layers):
       key = pattern.format(i=i)
@@ -214,7 +215,7 @@ def params_from_hf(source: Mapping[str, Any], llm, scan_layers: bool) -> dict:
   return params
 
 
-def hf_from_params(params: Mapping[str, Any], llm) -> Iterator[tuple[str, np.ndarray]]:
+def hf_from_params(params: Mapping[str, Any], llm, layer_keys=LAYER_KEYS) -> Iterator[tuple[str, np.ndarray]]:
   """Our tree (scanned or not, numpy or jax leaves) -> (HF key, array) one tensor at a time, HF order."""
   scanned = "layers" in params
 
@@ -224,7 +225,7 @@ def hf_from_params(params: Mapping[str, Any], llm) -> Iterator[tuple[str, np.nda
   key, (_, to_hf) = GLOBAL_KEYS["embed/embedding"]
   yield key, np.ascontiguousarray(to_hf(np.asarray(_get(params, "embed/embedding")), llm))
   for i in range(llm.n_layers):
-    for path, (pattern, (_, to_hf)) in LAYER_KEYS.items():
+    for path, (pattern, (_, to_hf)) in layer_keys.items():
       yield pattern.format(i=i), np.ascontiguousarray(to_hf(np.asarray(block_leaf(path, i)), llm))
   for path in ("final_norm/weight", "lm_head/kernel"):
     key, (_, to_hf) = GLOBAL_KEYS[path]

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sphinx_jax import sharding as sh
 from sphinx_jax.config import ffn_hidden_dim
 from sphinx_jax.errors import SphinxError
-from sphinx_jax.models import layers
+from sphinx_jax.models import layers, moe
 
 ACTIVATION_AXES = (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)
 
@@ -124,7 +124,11 @@ class Block(nn.Module):
     attn, new_cache = Attention(c, self.dtype, self.param_dtype, name="attention")(
         norm(name="attention_norm")(x), positions, mask, layer_cache, cache_index)
     h = _constrain(x + attn)
-    ffn = FeedForward(ffn_hidden_dim(c), self.dtype, self.param_dtype, name="mlp")(norm(name="ffn_norm")(h))
+    if c.moe:  # Mixtral: the sparse expert FFN (models/moe.py) replaces the dense one
+      ffn = moe.MoeFeedForward(c.moe.num_experts, c.moe.top_k, ffn_hidden_dim(c), c.moe.dispatch, self.dtype,
+                               self.param_dtype, name="moe")(norm(name="ffn_norm")(h))
+    else:
+      ffn = FeedForward(ffn_hidden_dim(c), self.dtype, self.param_dtype, name="mlp")(norm(name="ffn_norm")(h))
     return _constrain(h + ffn), new_cache
 
 
@@ -145,7 +149,9 @@ class Llama(nn.Module):
     block = layers.remat_block(Block, c.remat_policy)
     if c.scan_layers:
       # Scan over (layer params, layer cache); positions, mask and the write index are shared by every layer.
-      scanned = layers.scan_blocks(block, c.n_layers, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
+      # The MoE load-balancing losses are stacked per layer like the params.
+      scanned = layers.scan_blocks(block, c.n_layers, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                                   variable_axes={"params": 0, moe.AUX_COLLECTION: 0})
       self.layers = scanned(c, self.dtype, self.param_dtype)
     else:
       self.layers = [block(c, self.dtype, self.param_dtype) for _ in range(c.n_layers)]

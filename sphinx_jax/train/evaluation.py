@@ -1,9 +1,9 @@
 """Periodic evaluation during training on held-out synthetic-world samples (greedy generation).
 
-Metrics (the definitions the benchmark evaluators use, on our synthetic tasks):
-  vqa/accuracy  short answer (cut at "###", stripped, lower-cased) equals the ground truth;
-  rec/accuracy  the first predicted box (the REC evaluator's rule), mapped from the padded square back to the
-                original image, has IoU >= 0.5 with the ground-truth box.
+Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our synthetic tasks):
+  vqa/accuracy  GQA-style exact match of the short answer (cut at "###", lower-cased, stripped);
+  rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
+                IoU >= 0.5 with the ground-truth box.
 A few predictions per task are drawn (inference/render.py) into WORKDIR/predictions/step_N/ and TensorBoard.
 The Generator is built once, so evaluations after the first reuse its compiled programs.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sphinx_jax.data import conversation, image as image_lib, shapes, tasks
+from sphinx_jax.data import conversation, image as image_lib, shapes
+from sphinx_jax.eval import metrics
 from sphinx_jax.inference.generate import Generator
 from sphinx_jax.inference.render import render_answer
 
@@ -22,12 +23,8 @@ METRICS = {"vqa": "accuracy", "rec": "accuracy"}
 
 def _score(task: str, answer: str, truth) -> float:
   if task == "vqa":
-    return float(tasks.short_answer(answer).lower() == str(truth["answer"]).lower())
-  box = tasks.first_box(answer)
-  if box is None:
-    return 0.0
-  frame = tasks.Frame(*truth["size"])
-  return float(tasks.iou(frame.to_pixels(box), truth["box"]) >= 0.5)
+    return metrics.exact_match(answer, str(truth["answer"]))
+  return metrics.rec_correct(answer, truth["box"], *truth["size"])
 
 
 class Evaluator:

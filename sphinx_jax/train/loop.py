@@ -21,10 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sphinx_jax import config as cfg
 from sphinx_jax import sharding as sh
-from sphinx_jax.checkpoint import load_model_dir
+from sphinx_jax.checkpoint import abstract_params, flatten, restore_leaves, unflatten
+from sphinx_jax.handle import MODEL_PARTS
 from sphinx_jax.data import pipeline
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
+from sphinx_jax.models import moe as moe_lib
 from sphinx_jax.models.sphinx import Sphinx
 from sphinx_jax.train import checkpoints, flops as flops_lib
 from sphinx_jax.train import export as export_lib
@@ -86,14 +88,22 @@ def to_global(batch: dict, sharding) -> dict:
 
 
 def apply_fn(model: Sphinx):
-  """(params, batch) -> logits aligned with batch["tokens"]. Text batches (no "images": text-only groups, or a
-  model without towers) run the decoder alone; the batch's keys are static, so each kind compiles once."""
+  """(params, batch) -> (logits aligned with batch["tokens"], weighted auxiliary loss).
+
+  Text batches (no "images": text-only groups, or a model without towers) run the decoder alone; the batch's keys
+  are static, so each kind compiles once. A MoE decoder sows its per-layer load-balancing losses; their mean
+  times `moe.load_balancing_weight` is the auxiliary loss (the original's rule).
+  """
   with_towers = bool(model.config.towers)
+  moe_config = model.config.llm.get("moe")
 
   def apply(params, batch):
-    if not with_towers or "images" not in batch:
-      return model.apply({"params": params}, batch["tokens"])
-    return model.apply({"params": params}, batch["tokens"], batch["images"], batch["has_image"])
+    args = (batch["tokens"],) if not with_towers or "images" not in batch else (
+        batch["tokens"], batch["images"], batch["has_image"])
+    if not moe_config:
+      return model.apply({"params": params}, *args), jnp.float32(0.0)
+    logits, sown = model.apply({"params": params}, *args, mutable=["aux_loss"])
+    return logits, moe_config.load_balancing_weight * moe_lib.load_balancing_loss(sown["aux_loss"])
   return apply
 
 
@@ -102,8 +112,15 @@ def initial_params(config, boxed_init, shardings):
   init_from = config.train.get("init_from")
   if not init_from:
     return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
-  params, _, _ = load_model_dir(init_from, shardings=shardings)
-  return params
+  # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
+  # never uses) stay in the source directory.
+  wanted = set(flatten(shardings))
+  stored = set(abstract_params(init_from))
+  if not wanted <= stored or any(p.split("/")[0] in MODEL_PARTS for p in stored - wanted):
+    missing, extra = sorted(wanted - stored), sorted(p for p in stored - wanted if p.split("/")[0] in MODEL_PARTS)
+    raise SphinxError(f"config.train.init_from={init_from}: its parameters do not fit this model (missing "
+                      f"{missing[:3]}, unexpected {extra[:3]}); use a checkpoint of the same variant and sizes.")
+  return unflatten(restore_leaves(init_from, sorted(wanted), flatten(shardings)))
 
 
 class Program(NamedTuple):
@@ -128,7 +145,8 @@ def build(config, mesh, rules) -> Program:
     # The key is made inside the traced function: an eager op has no device to run on under the topology
     # mesh of `sphinx-jax compile`.
     # lazy_init computes only the initialisers, not the forward pass on dummy inputs (whose compile dominated).
-    return model.lazy_init(jax.random.key(config.seed), *init_inputs(config.model))["params"]
+    # Only params are made: sown values (the MoE balancing loss) depend on real inputs, which lazy_init lacks.
+    return model.lazy_init(jax.random.key(config.seed), *init_inputs(config.model), mutable=["params"])["params"]
 
   abstract_params = sh.strip_boxes(jax.eval_shape(boxed_init))
   tx, schedule = opt_lib.make_optimizer(abstract_params, config.train)

@@ -1,7 +1,8 @@
 """One training step: loss, grads, skipped update on non-finite values, metrics.
 
-`apply_fn(params, batch) -> logits` aligned with `batch["tokens"]` (the model's contract); the loss is the
-original's masked next-token cross-entropy (train/loss.py). The step is pure; `jit_train_step` wraps it in one
+`apply_fn(params, batch) -> (logits, aux)`: logits aligned with `batch["tokens"]` (the model's contract) and an
+auxiliary loss already weighted (the MoE load-balancing term, 0 for dense decoders); the loss is the original's
+masked next-token cross-entropy (train/loss.py) plus `aux`. The step is pure; `jit_train_step` wraps it in one
 `jax.jit` with explicit in/out shardings and the state donated.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(apply_fn, tx, schedule=None):
   """Returns step(state, batch) -> (state, metrics)."""
   def loss_fn(params, batch):
-    logits = apply_fn(params, batch)
-    return loss_lib.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+    logits, aux = apply_fn(params, batch)
+    ce, metrics = loss_lib.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+    return ce + aux, dict(metrics, aux_loss=aux)
 
   def step(state: TrainState, batch):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)

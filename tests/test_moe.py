@@ -1,0 +1,253 @@
+"""SPHINX-MoE's Mixtral decoder: logits against transformers.MixtralForCausalLM (4.57.6, eager) through
+convert/hf_mixtral.py, the bit-exact round trip, dense vs grouped dispatch (outputs and gradients), the
+load-balancing loss against numpy on HF's own router logits, and the forward sharded over (data, expert, tensor)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import configs.sphinx as presets
+from sphinx_jax import config as cfg
+from sphinx_jax import sharding as sh
+from sphinx_jax.convert import hf_mixtral
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.models import moe
+from sphinx_jax.models.llama import Llama
+
+VOCAB, LENGTH, EXPERTS, TOP_K = 128, 12, 4, 2
+
+
+def hf_mixtral_model(seed=0):
+  """Tiny MixtralForCausalLM (REFERENCES.md §1b) with every weight random, norms and router included."""
+  config = transformers.MixtralConfig(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
+      rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  model = transformers.MixtralForCausalLM._from_config(config, attn_implementation="eager").eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.uniform_(0.5, 1.5)
+      elif "embed_tokens" in name:
+        p.normal_(0.0, 1.0)
+      else:  # the router too: a near-uniform router would make top-k choices fragile and the test weak
+        p.normal_(0.0, p.shape[1] ** -0.5)
+  return model
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return hf_mixtral_model()
+
+
+def state_dict(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def tokens(batch=2, length=LENGTH, seed=1):
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def positions(batch, length):
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def ours_from(model, scan_layers, dispatch):
+  llm = hf_mixtral.llm_config_from_hf(model.config.to_dict())
+  llm.update(dict(scan_layers=scan_layers, moe=dict(dispatch=dispatch)))
+  return Llama(llm), hf_mixtral.params_from_hf(state_dict(model), llm, scan_layers)
+
+
+@pytest.mark.parametrize("scan_layers, dispatch", [(True, "grouped"), (True, "dense"), (False, "grouped")])
+def test_logits_match_hf_mixtral(reference, scan_layers, dispatch):
+  ours, params = ours_from(reference, scan_layers, dispatch)
+  toks = tokens()
+  logits, _ = ours.apply({"params": params}, jnp.asarray(toks), positions=positions(*toks.shape))
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(toks).long()).logits.numpy()
+  assert np.abs(expected).max() > 1.0  # logits far from zero, so 1e-4 is a real bound
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_hf_mixtral_roundtrip_is_bit_exact(reference, scan_layers):
+  source = state_dict(reference)
+  llm = hf_mixtral.llm_config_from_hf(reference.config.to_dict())
+  params = hf_mixtral.params_from_hf(source, llm, scan_layers)
+  layer = params["layers"]["moe"] if scan_layers else params["layers_1"]["moe"]
+  expert_w2 = source["model.layers.1.block_sparse_moe.experts.3.w2.weight"]  # [D, F], applied as h @ w2.T
+  np.testing.assert_array_equal((layer["down"][1] if scan_layers else layer["down"])[3], expert_w2.T)
+  back = dict(hf_mixtral.hf_from_params(params, llm))
+  assert list(back) == list(source)  # same keys, MixtralForCausalLM state_dict order
+  for key, value in source.items():
+    assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_config_roundtrip_through_transformers(reference):
+  llm = hf_mixtral.llm_config_from_hf(reference.config.to_dict())
+  assert (llm.moe.num_experts, llm.moe.top_k, llm.hidden_dim, llm.rope_theta) == (EXPERTS, TOP_K, 96, 1e6)
+  llm.moe.load_balancing_weight = 0.02
+  rebuilt = transformers.MixtralConfig(**hf_mixtral.hf_config_from_llm(llm))
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "num_local_experts", "num_experts_per_tok",
+                "tie_word_embeddings", "sliding_window"):
+    assert getattr(rebuilt, field) == getattr(reference.config, field), field
+  assert hf_mixtral.llm_config_from_hf(rebuilt.to_dict()).to_dict() == llm.to_dict()
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+     "model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+    (lambda sd: sd.update({"model.layers.0.block_sparse_moe.experts.4.w1.weight": np.ones((96, 64), np.float32)}),
+     "model.layers.0.block_sparse_moe.experts.4.w1.weight"),
+    (lambda sd: sd.update({"model.layers.0.block_sparse_moe.experts.1.w2.weight": np.ones((64, 95), np.float32)}),
+     "model.layers.0.block_sparse_moe.experts.1.w2.weight"),
+])
+def test_params_from_hf_names_bad_expert_tensors(reference, edit, named):
+  source = state_dict(reference)
+  edit(source)
+  with pytest.raises(SphinxError, match=named.replace(".", r"\.")):
+    hf_mixtral.params_from_hf(source, hf_mixtral.llm_config_from_hf(reference.config.to_dict()), True)
+
+
+def test_bad_dispatch_is_rejected_by_validate():
+  config = presets.get_config("tiny_sphinx_moe")
+  assert config.model.llm.moe.dispatch == "grouped"
+  config.model.llm.moe.dispatch = "sparse"
+  with pytest.raises(SphinxError, match=r"model\.llm\.moe\.dispatch"):
+    cfg.validate(config)
+
+
+# --- the MoE layer alone ---------------------------------------------------------------------------------
+
+def moe_layer(dispatch):
+  return moe.MoeFeedForward(num_experts=EXPERTS, top_k=TOP_K, hidden=24, dispatch=dispatch)
+
+
+def layer_inputs(seed=0):
+  """x float[2, 7, 16] and params; expert 3 is never chosen (its router column is very negative), so the grouped
+  path meets an empty group and the gradients of an unused expert."""
+  x = jax.random.normal(jax.random.key(seed), (2, 7, 16))
+  params = nn.meta.unbox(moe_layer("dense").init(jax.random.key(seed + 1), x))["params"]
+  x = x.at[..., 0].set(jnp.abs(x[..., 0]) + 1.0)  # expert 3's logit is -100 * x[0] <= -100
+  params["router"]["kernel"] = params["router"]["kernel"].at[:, 3].set(0.0).at[0, 3].set(-100.0)
+  return x, params
+
+
+def test_dense_and_grouped_dispatch_agree_in_outputs_and_gradients():
+  x, params = layer_inputs()
+  _, _, experts = moe.route(x.reshape(-1, 16) @ params["router"]["kernel"], TOP_K)
+  counts = np.bincount(np.asarray(experts).ravel(), minlength=EXPERTS)
+  assert counts[3] == 0 and (counts[:3] > 0).all()  # an empty group, and uneven ones
+
+  def loss(dispatch):
+    def f(p, inputs):
+      y = moe_layer(dispatch).apply({"params": p}, inputs)
+      return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y  # weights every output differently
+    return jax.grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+  (dense_p, dense_x), dense_y = loss("dense")
+  (grouped_p, grouped_x), grouped_y = loss("grouped")
+  np.testing.assert_allclose(np.asarray(grouped_y), np.asarray(dense_y), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grouped_x), np.asarray(dense_x), rtol=0, atol=1e-5)
+  for path, g in traverse_util.flatten_dict(dense_p, sep="/").items():
+    got = traverse_util.flatten_dict(grouped_p, sep="/")[path]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(g), rtol=0, atol=1e-5, err_msg=path)
+  assert np.abs(np.asarray(dense_p["router"]["kernel"])).max() > 1e-3  # the router learns through the weights
+  assert not np.asarray(dense_p["gate"][3]).any()  # an expert nobody chose gets no gradient
+  assert (np.abs(np.asarray(dense_p["down"][:3])).sum(axis=(1, 2)) > 0).all()
+
+
+def test_grouped_dispatch_matches_a_per_token_loop():
+  """The grouped path against the plain definition: for each token, sum over its top-K of weight * expert(x)."""
+  x, params = layer_inputs(seed=3)
+  y = np.asarray(moe_layer("grouped").apply({"params": params}, x)).reshape(-1, 16)
+  flat = np.asarray(x, np.float64).reshape(-1, 16)
+  logits = flat @ np.asarray(params["router"]["kernel"], np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  gate, up, down = (np.asarray(params[k], np.float64) for k in ("gate", "up", "down"))
+  for n in range(flat.shape[0]):
+    top = np.argsort(-probs[n])[:TOP_K]
+    w = probs[n, top] / probs[n, top].sum()
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    expected = sum(wk * (silu(flat[n] @ gate[e]) * (flat[n] @ up[e])) @ down[e] for wk, e in zip(w, top))
+    np.testing.assert_allclose(y[n], expected, rtol=0, atol=1e-5)
+
+
+def numpy_balancing_loss(router_logits):
+  """The formula of SPHINX.md §2.2 in numpy: E/(N*K) * sum_e count_e * mean_n softmax(logits)[n, e]."""
+  logits = np.asarray(router_logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  chosen = np.argsort(-probs, axis=-1)[:, :TOP_K]
+  counts = np.bincount(chosen.ravel(), minlength=EXPERTS)
+  return EXPERTS / (probs.shape[0] * TOP_K) * np.dot(counts, probs.mean(0))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_load_balancing_loss_matches_numpy_on_hf_router_logits(reference, scan_layers):
+  ours, params = ours_from(reference, scan_layers, "grouped")
+  toks = tokens(seed=5)
+  _, state = ours.apply({"params": params}, jnp.asarray(toks), positions=positions(*toks.shape),
+                        mutable=[moe.AUX_COLLECTION])
+  with torch.no_grad():
+    router_logits = reference(torch.from_numpy(toks).long(), output_router_logits=True).router_logits
+  per_layer = [numpy_balancing_loss(r.numpy()) for r in router_logits]
+  assert len(per_layer) == 2 and abs(per_layer[0] - per_layer[1]) > 1e-4  # layers differ: the mean is checked
+  np.testing.assert_allclose(float(moe.load_balancing_loss(state[moe.AUX_COLLECTION])), np.mean(per_layer),
+                             rtol=1e-5)
+
+
+def test_load_balancing_loss_needs_the_collection():
+  with pytest.raises(SphinxError, match="mutable"):
+    moe.load_balancing_loss({})
+
+
+# --- sharding ---------------------------------------------------------------------------------------------
+
+GOLDEN_MOE = {  # default rules: expert -> expert, embed -> fsdp, mlp -> tensor; layers replicated
+    "layers/moe/router/kernel": P(None, "fsdp", None),
+    "layers/moe/gate": P(None, "expert", "fsdp", "tensor"),
+    "layers/moe/up": P(None, "expert", "fsdp", "tensor"),
+    "layers/moe/down": P(None, "expert", "tensor", "fsdp"),
+}
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "dense"])
+def test_sharded_forward_over_data_expert_tensor_equals_single_device(dispatch):
+  assert jax.device_count() == 8
+  llm = presets.get_config("tiny_sphinx_moe").model.llm
+  llm.update(dict(vocab_size=VOCAB, moe=dict(dispatch=dispatch)))
+  model = Llama(llm)
+  toks = jnp.asarray(tokens(batch=4, length=8, seed=7))
+  pos = positions(4, 8)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), toks, positions=pos))["params"]
+  params = nn.meta.unbox(model.init(jax.random.key(2), toks, positions=pos))["params"]
+  expected, _ = jax.jit(model.apply)({"params": params}, toks, positions=pos)
+
+  m = sh.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=2, expert=2)))
+  param_sh = nn.meta.unbox(sh.param_shardings(boxed, m, sh.DEFAULT_RULES))
+  specs = {p: s.spec for p, s in traverse_util.flatten_dict(
+      param_sh, is_leaf=lambda _, x: isinstance(x, NamedSharding), sep="/").items() if "/moe/" in p}
+  assert specs == GOLDEN_MOE
+  placed = jax.tree.map(jax.device_put, params, param_sh)
+  assert placed["layers"]["moe"]["gate"].addressable_shards[0].data.shape == (2, 2, 64, 48)  # E and F split
+  data_sh = NamedSharding(m, nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH), sh.DEFAULT_RULES))
+
+  def forward(p, t, q):
+    with nn.logical_axis_rules(sh.DEFAULT_RULES):
+      return model.apply({"params": p}, t, positions=q)[0]
+
+  with jax.set_mesh(m):
+    got = jax.jit(forward, in_shardings=(param_sh, data_sh, data_sh))(placed, toks, pos)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
