@@ -8,7 +8,7 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import json, resource, sys
+import gc, json, resource
 import jax, jax.numpy as jnp, numpy as np
 from flax import linen as nn
 from PIL import Image
@@ -18,17 +18,25 @@ from sphinx_jax.data import image as image_data
 from sphinx_jax.models.sphinx import Towers, model_images, tower_views
 
 model = variant_config("sphinx").model            # 224 px, 1 view, all four towers at full size
-towers = Towers(model, jnp.bfloat16)
 pixels = image_data.padded_resize(Image.fromarray(photos.coffee()), model.image_size)[None]   # 400x600 photo
 small, large = tower_views(model_images(jnp.asarray(pixels)), model)
 small, large = small[:, 0], large[:, 0]
-shapes = jax.eval_shape(towers.init, jax.random.key(0), small, large)["params"]
 rng = np.random.default_rng(0)
-params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02, s.dtype),
-                      nn.meta.unbox(shapes))
-n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-ensemble, queries = jax.jit(towers.apply)({"params": params}, small, large)
-print(json.dumps(dict(params=n, ensemble=list(ensemble.shape), queries=list(queries.shape),
+outputs, total = {}, 0
+for name in ("clip", "convnext", "dinov2", "qformer"):  # one tower at a time: XLA's CPU bf16 dots upcast weights
+  one = model.copy_and_resolve_references()
+  one.towers = (name,)
+  towers = Towers(one, jnp.bfloat16)
+  shapes = nn.meta.unbox(jax.eval_shape(towers.init, jax.random.key(0), small, large)["params"])
+  params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02, s.dtype), shapes)
+  total += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  ensemble, queries = jax.jit(towers.apply)({"params": params}, small, large)
+  outputs[name] = queries if name == "qformer" else ensemble
+  del params
+  gc.collect()
+ensemble = jnp.concatenate([outputs[n] for n in ("clip", "convnext", "dinov2")], axis=-1)
+queries = outputs["qformer"]
+print(json.dumps(dict(params=total, ensemble=list(ensemble.shape), queries=list(queries.shape),
                       dtype=str(ensemble.dtype), finite=bool(jnp.isfinite(ensemble).all() & jnp.isfinite(queries).all()),
                       peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 """

@@ -165,7 +165,7 @@ class Towers(nn.Module):
     if "dinov2" in towers:
       streams.append(self.dinov2(small)[0])
     queries = self.qformer(small)[0] if "qformer" in towers else None
-    return jnp.concatenate(streams, axis=-1), queries
+    return (jnp.concatenate(streams, axis=-1) if streams else None), queries
 
 
 class Projection(nn.Module):
