@@ -15,6 +15,7 @@ from sphinx_jax.inference.decode import for_decoding, make_generate
 from sphinx_jax.models import layers
 from sphinx_jax.models.llama import (Llama, _cudnn_attention, attention_backend, init_cache, stack_layers,
                                      unstack_layers)
+from torch_init import randomize_decoder_
 
 VOCAB, PROMPT = 128, 12
 
@@ -27,14 +28,7 @@ def hf_llama(kv_heads, seed=0, **overrides):
       tie_word_embeddings=False, **overrides)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.uniform_(0.5, 1.5)
-      elif "embed_tokens" in name:
-        p.normal_(0.0, 1.0)
-      else:
-        p.normal_(0.0, p.shape[1] ** -0.5)
+  randomize_decoder_(model)
   model.generation_config.eos_token_id = None  # greedy runs its full length
   return model
 

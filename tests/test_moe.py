@@ -20,6 +20,7 @@ from sphinx_jax.convert import hf_mixtral
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import moe
 from sphinx_jax.models.llama import Llama
+from torch_init import randomize_decoder_
 
 VOCAB, LENGTH, EXPERTS, TOP_K = 128, 12, 4, 2
 
@@ -32,14 +33,7 @@ def hf_mixtral_model(seed=0):
       rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
   torch.manual_seed(seed)
   model = transformers.MixtralForCausalLM._from_config(config, attn_implementation="eager").eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.uniform_(0.5, 1.5)
-      elif "embed_tokens" in name:
-        p.normal_(0.0, 1.0)
-      else:  # the router too: a near-uniform router would make top-k choices fragile and the test weak
-        p.normal_(0.0, p.shape[1] ** -0.5)
+  randomize_decoder_(model)
   return model
 
 
