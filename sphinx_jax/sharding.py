@@ -97,33 +97,12 @@ def rules_from_config(config) -> tuple:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in (rules or DEFAULT_RULES))
 
 
-def logical_to_mesh_specs(logical_tree, rules) -> Any:
-  """Logical PartitionSpecs (from `nn.get_partition_spec`) -> mesh PartitionSpecs under `rules`."""
-  return nn.logical_to_mesh(logical_tree, rules)
-
-
 def param_shardings(abstract_params, mesh: Mesh, rules) -> Any:
   """NamedShardings for a (boxed or abstract) param tree annotated with `nn.with_logical_partitioning`."""
   logical = nn.get_partition_spec(abstract_params)
   mesh_specs = nn.logical_to_mesh(logical, rules)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def abstract_params(init_fn, *args):
-  """`jax.eval_shape` of an init function: shapes, dtypes and logical boxes, nothing materialised."""
-  return jax.eval_shape(init_fn, *args)
-
-
-def shard_params(params, mesh: Mesh, rules, boxed_abstract=None):
-  """Places a plain param tree on `mesh` following the logical annotations of `boxed_abstract`.
-
-  `boxed_abstract` is the `jax.eval_shape` of the module's init (it carries the `LogicallyPartitioned`
-  boxes); `params` is the unboxed tree with the same structure.
-  """
-  shardings = param_shardings(boxed_abstract, mesh, rules)
-  shardings = nn.meta.unbox(shardings) if boxed_abstract is not None else shardings
-  return jax.tree.map(jax.device_put, params, shardings)
 
 
 def strip_boxes(tree) -> Any:

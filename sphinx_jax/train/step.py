@@ -2,8 +2,8 @@
 
 `apply_fn(params, batch) -> (logits, aux)`: logits aligned with `batch["tokens"]` (the model's contract) and an
 auxiliary loss already weighted (the MoE load-balancing term, 0 for dense decoders); the loss is the original's
-masked next-token cross-entropy (train/loss.py) plus `aux`. The step is pure; `jit_train_step` wraps it in one
-`jax.jit` with explicit in/out shardings and the state donated.
+masked next-token cross-entropy (train/loss.py) plus `aux`. The step is pure; train/loop.py `build` wraps it in
+one `jax.jit` with explicit in/out shardings and the state donated.
 """
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ import optax
 from sphinx_jax.train import loss as loss_lib
 from sphinx_jax.train.optimizer import global_norm
 from sphinx_jax.train.state import TrainState
-
-
-def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_train_step(apply_fn, tx, schedule=None):
@@ -48,7 +44,3 @@ def make_train_step(apply_fn, tx, schedule=None):
 
   return step
 
-
-def jit_train_step(step, state_shardings, batch_shardings):
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
