@@ -4,21 +4,26 @@
 Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3] [--parts train,decode]
                                                            [--no-torch-compile] [--remat none|full|...]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
-Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8 (`sphinx_jax.inference.decode.make_generate`).
+Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
+text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
+layers (`unscan_layers`), vs HF `generate` (default, and static cache + torch.compile unless --no-torch-compile).
 --quick: a small smoke config (seconds).
 
 Model FLOPs per train step (the MFU numerator): 6 * P_mm * B * T + 6 * L * B * T^2 * D, with P_mm the matmul
 parameters (blocks + lm_head, not the embedding lookup) and the second term causal attention (QK^T and PV,
 half the square). Roof: the best of jnp.dot (jit, precision 'highest') and torch.mm on n x n x n f32 GEMMs.
 Bandwidth: the best of numpy, torch and XLA copies of a 256 MiB f32 array (bytes read + written).
-Decode bound at batch 1: bandwidth / bytes read per token (all matmul weights + the KV cache).
-Timings are the best of --iters runs after a warm-up (others share this machine; the best is the least noisy).
+Decode bound: bandwidth / bytes read per step (all matmul weights once + every row's KV cache at the mean length)
+x batch tokens/s; the decode rounds time the stream copies again, and the bound uses the best bandwidth seen.
+Timing (bench/timing.py): after one warm-up call each (its time, mostly compilation, is printed), the contenders
+of a part run interleaved for --iters rounds and the fastest round of each counts.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +31,13 @@ import numpy as np
 import optax
 import torch
 import transformers
+from timing import fastest, warm_up  # bench/ is the script's directory
 
 from sphinx_jax import config as cfg
-from sphinx_jax.inference.decode import for_decoding, make_generate
+from sphinx_jax.convert import hf as hf_convert
+from sphinx_jax.inference.generate import Generator
 from sphinx_jax.models.llama import Llama
+from sphinx_jax.models.sphinx import Sphinx
 
 CONFIGS = {
     "M": dict(vocab=32000, dim=1024, layers=8, heads=16, ffn=2816, seq=512, batch=4, prompt=128, new=128,
@@ -64,18 +72,23 @@ def matmul_roof(sizes, iters):
   return max(results.values()), results
 
 
-def stream_bandwidth(iters, mib=256):
-  """Best streaming bandwidth in bytes/s: copies (read + write, numpy and torch) and reductions (read only,
-  torch and XLA, multi-threaded), so the decode bound uses what this machine can actually stream."""
+def stream_contenders(mib=256) -> dict[str, tuple[Callable, int]]:
+  """Streaming kernels with the bytes each moves: copies (read + write, numpy and torch) and reductions (read
+  only, torch and XLA, multi-threaded), so the decode bound uses what this machine can actually stream."""
   n = mib * 2 ** 20 // 4
   src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
   ts, td = torch.ones(n), torch.empty(n)
   x = jnp.ones(n, jnp.float32)
   total = jax.jit(jnp.sum)
-  results = {"numpy copy": 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), iters),
-             "torch copy": 2 * src.nbytes / best_time(lambda: td.copy_(ts), iters),
-             "torch sum": src.nbytes / best_time(lambda: ts.sum(), iters),
-             "xla sum": src.nbytes / best_time(lambda: total(x).block_until_ready(), iters)}
+  return {"numpy copy": (lambda: np.copyto(dst, src), 2 * src.nbytes),
+          "torch copy": (lambda: td.copy_(ts), 2 * src.nbytes),
+          "torch sum": (lambda: ts.sum(), src.nbytes),
+          "xla sum": (lambda: total(x).block_until_ready(), src.nbytes)}
+
+
+def stream_bandwidth(iters, mib=256):
+  """Best streaming bandwidth in bytes/s over `stream_contenders`; returns (best, {name: bytes/s})."""
+  results = {name: size / best_time(fn, iters) for name, (fn, size) in stream_contenders(mib).items()}
   return max(results.values()), results
 
 
@@ -120,7 +133,8 @@ def cross_entropy(logits, targets, kind):
   return (jax.nn.logsumexp(logits, axis=-1) - target_logit).mean()
 
 
-def jax_train_step(c, iters, remat, ce):
+def jax_train_step(c, remat, ce):
+  """A ready-to-time JAX train step (fwd + bwd + AdamW, state donated) on config c."""
   model = Llama(llm_of(c, remat_policy=remat))
   b, t = c["batch"], c["seq"]
   rng = np.random.default_rng(0)
@@ -148,10 +162,11 @@ def jax_train_step(c, iters, remat, ce):
     state, loss = step(state, tokens)
     loss.block_until_ready()
 
-  return best_time(run, iters)
+  return run
 
 
-def torch_train_step(c, iters, tuned):
+def torch_train_step(c, tuned):
+  """A ready-to-time PyTorch step: as a user gets it, or tuned (fused AdamW, torch.compile)."""
   torch.manual_seed(0)
   model = hf_model(c).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=tuned or None)
@@ -166,45 +181,53 @@ def torch_train_step(c, iters, tuned):
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return best_time(run, iters, warmup=2 if tuned else 1)
+  return run
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
 
-def jax_decode(c, batch, iters, scan_layers):
-  llm = llm_of(c, scan_layers=True)
-  model = Llama(llm)
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, c["vocab"], (batch, c["prompt"])), jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(c["prompt"], dtype=jnp.int32), prompt.shape)
-  params = jax.jit(lambda: model.init(jax.random.key(0), prompt, positions=positions))()["params"]
-  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                        is_leaf=lambda x: hasattr(x, "unbox"))
-  if not scan_layers:
-    model, params = for_decoding(model, params)
-  generate = make_generate(model, c["new"])
-  seconds = best_time(lambda: generate(params, prompt).block_until_ready(), iters)
-  return batch * c["new"] / seconds
-
-
-def hf_decode(c, batch, iters, tuned):
+def hf_decoder(c, tuned):
+  """The HF model of every decode run (seed 0); tuned: static KV cache and a torch.compile'd forward."""
   torch.manual_seed(0)
   model = hf_model(c).eval()
-  prompt = torch.randint(0, c["vocab"], (batch, c["prompt"]))
-  kwargs = dict(max_new_tokens=c["new"], do_sample=False, attention_mask=torch.ones_like(prompt))
   if tuned:
     model.generation_config.cache_implementation = "static"
     model.forward = torch.compile(model.forward)
-
-  def run():
-    with torch.inference_mode():
-      out = model.generate(prompt, **kwargs)
-    assert out.shape[1] == c["prompt"] + c["new"]
-
-  return batch * c["new"] / best_time(run, iters, warmup=2 if tuned else 1)
+  return model
 
 
-def decode_bytes_per_token(c, batch):
-  """Weights read once per step (shared by the batch) + each row's KV cache at the mean length."""
+def jax_generator(model, unscan_layers):
+  """A Generator on a text-only SPHINX holding `model`'s weights (the path of `convert --from hf`)."""
+  llm = hf_convert.llm_config_from_hf(model.config.to_dict())
+  params = hf_convert.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, llm, True)
+  sphinx = Sphinx(cfg.model_config(llm, (), 0, 1, dtype="float32"))
+  return Generator(sphinx, {"llm": jax.device_put(params)}, unscan_layers=unscan_layers)
+
+
+def decode_contenders(c, batch, hf_models, generators, outputs):
+  """name -> a call generating c["new"] greedy tokens for `batch` prompts; each leaves its ids in outputs[name]."""
+  prompt = np.random.default_rng(1).integers(0, c["vocab"], (batch, c["prompt"]))
+  torch_prompt = torch.from_numpy(prompt)
+
+  def hf_run(name, model):
+    def run():
+      with torch.inference_mode():
+        out = model.generate(torch_prompt, max_new_tokens=c["new"], do_sample=False,
+                             attention_mask=torch.ones_like(torch_prompt))
+      outputs[name] = out[:, c["prompt"]:].numpy()
+    return run
+
+  def jax_run(name, generator):
+    def run():
+      outputs[name] = np.array(generator.generate_ids(prompt.tolist(), max_new_tokens=c["new"]))
+    return run
+
+  return {**{name: hf_run(name, m) for name, m in hf_models.items()},
+          **{name: jax_run(name, g) for name, g in generators.items()}}
+
+
+def decode_bytes_per_step(c, batch):
+  """Weights read once per step (shared by the batch) + each row's KV cache at the mean length, f32."""
   cache = 2 * c["layers"] * (c["prompt"] + c["new"] / 2) * c["dim"] * batch
   return 4 * (matmul_params(c) + cache)
 
@@ -218,6 +241,7 @@ def main():
   parser.add_argument("--parts", default="train,decode")
   parser.add_argument("--no-torch-compile", action="store_true")
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--ce", default="lse", help="JAX cross-entropy kinds to time: plain, lse or both")
   args = parser.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = False
@@ -234,35 +258,71 @@ def main():
         + f"  -> bandwidth {bandwidth / 1e9:.1f}")
 
   if "train" in parts:
-    flops = train_flops(c)
-    print(f"train step: {flops / 1e12:.3f} TFLOP of model work", flush=True)
-    runs = {"torch default (AdamW foreach)": partial(torch_train_step, c, args.iters, tuned=False)}
-    if not args.no_torch_compile:
-      runs["torch tuned (fused AdamW, torch.compile)"] = partial(torch_train_step, c, args.iters, tuned=True)
-    for remat in dict.fromkeys([args.remat, "none"]):
-      for ce in ("plain", "lse"):
-        runs[f"jax remat={remat} ce={ce}"] = partial(jax_train_step, c, args.iters, remat, ce)
-    best_torch = None
-    for name, run in runs.items():  # torch first, so every JAX row can print its ratio at once
-      seconds = run()
-      best_torch = min(best_torch or seconds, seconds) if name.startswith("torch") else best_torch
-      print(f"  {name:44s} {seconds:7.2f} s/step  {flops / seconds / 1e9:7.1f} GFLOP/s  "
-            f"{flops / seconds / roof:6.1%} of roof  x{best_torch / seconds:.2f} vs best torch", flush=True)
-
+    train_part(c, args, roof)
   if "decode" in parts:
-    print(f"decode: prompt {c['prompt']}, {c['new']} new tokens (tokens/s)", flush=True)
-    for batch in c["decode_batches"]:
-      runs = {"hf generate": partial(hf_decode, c, batch, args.iters, tuned=False)}
-      if not args.no_torch_compile:
-        runs["hf generate static cache + compile"] = partial(hf_decode, c, batch, args.iters, tuned=True)
-      runs["jax scan layers"] = partial(jax_decode, c, batch, args.iters, True)
-      runs["jax unscanned layers"] = partial(jax_decode, c, batch, args.iters, False)
-      bound, best_hf = bandwidth / decode_bytes_per_token(c, batch) * batch, None
-      for name, run in runs.items():
-        rate = run()
-        best_hf = max(best_hf or rate, rate) if name.startswith("hf") else best_hf
-        print(f"  batch {batch} {name:36s} {rate:8.1f} tok/s  x{rate / best_hf:.2f} vs best HF  "
-              f"{rate / bound:6.1%} of the bandwidth bound ({bound:.1f})", flush=True)
+    decode_part(c, args, bandwidth)
+
+
+def warm_up_verbosely(runs) -> dict[str, float]:
+  """`warm_up` one at a time, printing each first-call time as it ends (torch.compile may take minutes). A
+  contender whose first call raises is reported and removed from `runs`, so one broken compiler path does not
+  lose the whole run's numbers."""
+  first = {}
+  for name, fn in list(runs.items()):
+    try:
+      first.update(warm_up({name: fn}))
+    except Exception as e:  # noqa: BLE001 (printed, and the contender leaves the table)
+      print(f"    DROPPED {name}: its first call raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+      del runs[name]
+      continue
+    print(f"    (first call of {name}: {first[name]:.1f} s)", flush=True)
+  return first
+
+
+def train_part(c, args, roof):
+  flops = train_flops(c)
+  print(f"train step: {flops / 1e12:.3f} TFLOP of model work", flush=True)
+  runs = {"torch default (AdamW foreach)": torch_train_step(c, tuned=False)}
+  if not args.no_torch_compile:
+    runs["torch tuned (fused AdamW, torch.compile)"] = torch_train_step(c, tuned=True)
+  for remat in dict.fromkeys([args.remat, "none"]):
+    for ce in args.ce.split(","):
+      runs[f"jax remat={remat} ce={ce}"] = jax_train_step(c, remat, ce)
+  first = warm_up_verbosely(runs)
+  best = fastest(runs, args.iters, warm=False)
+  best_torch = min(wall for name, (wall, _) in best.items() if name.startswith("torch"))
+  for name, (seconds, cpu) in best.items():
+    print(f"  {name:44s} {seconds:7.2f} s/step (CPU {cpu:7.2f} s, first call {first[name]:6.1f} s)  "
+          f"{flops / seconds / 1e9:7.1f} GFLOP/s  {flops / seconds / roof:6.1%} of roof  "
+          f"x{best_torch / seconds:.2f} vs best torch", flush=True)
+
+
+def decode_part(c, args, bandwidth):
+  print(f"decode: prompt {c['prompt']}, {c['new']} new tokens, greedy (tokens/s)", flush=True)
+  hf_models = {"hf generate": hf_decoder(c, tuned=False)}
+  if not args.no_torch_compile:
+    hf_models["hf generate static cache + compile"] = hf_decoder(c, tuned=True)
+  reference = hf_models["hf generate"]
+  generators = {"jax Generator scanned layers": jax_generator(reference, unscan_layers=False),
+                "jax Generator unscanned layers": jax_generator(reference, unscan_layers=True)}
+  streams = stream_contenders()
+  warm_up({name: fn for name, (fn, _) in streams.items()})
+  for batch in c["decode_batches"]:
+    outputs = {}
+    runs = decode_contenders(c, batch, hf_models, generators, outputs)
+    first = warm_up_verbosely(runs)
+    best = fastest({**runs, **{name: fn for name, (fn, _) in streams.items()}}, args.iters, warm=False)
+    seen = max([bandwidth] + [size / best[name][0] for name, (_, size) in streams.items()])
+    bound = seen / decode_bytes_per_step(c, batch) * batch
+    rates = {name: batch * c["new"] / best[name][0] for name in runs}
+    best_hf = max(rate for name, rate in rates.items() if name.startswith("hf"))
+    print(f"  batch {batch}: bandwidth {seen / 1e9:.1f} GB/s, {decode_bytes_per_step(c, batch) / 1e6:.0f} MB read "
+          f"per step -> bound {bound:.1f} tok/s", flush=True)
+    for name, rate in rates.items():
+      same = np.mean(outputs[name] == outputs["hf generate"])
+      print(f"    {name:36s} {rate:8.1f} tok/s  x{rate / best_hf:.2f} vs best HF  {rate / bound:6.1%} of the "
+            f"bound  (first call {first[name]:6.1f} s; {same:.0%} of tokens as HF)", flush=True)
+
 
 if __name__ == "__main__":
   main()

@@ -1,15 +1,18 @@
-"""One Mixtral MoE layer (models/moe.py): grouped vs dense dispatch, vs transformers' MixtralSparseMoeBlock on the
-same weights, and the grouped path's FLOP/s against the machine's f32 matmul roof measured in the same run.
+"""One Mixtral MoE layer (models/moe.py): the grouped (ragged_dot), blocked and dense dispatches, transformers'
+MixtralSparseMoeBlock on the same weights, and each path's FLOP/s against the machine's f32 matmul roof, all
+measured in the same run.
 
-Run:  flock /tmp/sphinx_heavy.lock python bench/moe.py [--quick] [--iters 3]
+Run:  flock /tmp/sphinx_heavy.lock python bench/moe.py [--quick] [--iters 2] [--dispatches grouped,blocked,dense]
 Config M: D 1024, F 3584, 8 experts, top-2, 2048 tokens (batch 4 x 512), float32, matmuls at 'highest'.
 --quick: a small smoke config (seconds).
 
 Useful FLOPs of the layer (forward): 2*N*D*E (router) + 2*N*K*3*D*F (gate, up, down of the K chosen experts per
-token); forward+backward counts 3x that. Dense dispatch runs all E experts (E/K times the expert FLOPs), so its
-FLOP/s is reported on the same useful-FLOP numerator: the ratio to grouped is the speed-up, not an efficiency.
-Roof: bench/decoder.py's `matmul_roof` (best of jnp.dot and torch.mm on square f32 GEMMs).
-Timings are the best of --iters runs after a warm-up (others share this machine).
+token); forward+backward counts 3x that. Every path's FLOP/s is reported on that useful-FLOP numerator, so a path
+doing extra work (dense: E/K times the expert FLOPs; XLA's CPU ragged_dot: a masked matmul over all E experts'
+weights; blocked: the padding rows) shows it as a lower fraction of the roof.
+Roof: the best of an n^3 f32 GEMM by XLA and by torch (bench/towers.py `gemms`), n = the config's `gemm`.
+Timing (bench/timing.py): after one warm-up call each, all contenders run interleaved for --iters rounds and the
+fastest round of each counts.
 """
 from __future__ import annotations
 
@@ -20,14 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from decoder import best_time, matmul_roof  # bench/ is the script's directory
 from flax import linen as nn
+from timing import fastest  # bench/ is the script's directory
+from towers import gemms
 
 from sphinx_jax.models import moe
 
 CONFIGS = {
-    "M": dict(dim=1024, hidden=3584, experts=8, top_k=2, batch=4, seq=512, gemm=(2048, 4096)),
-    "quick": dict(dim=128, hidden=256, experts=8, top_k=2, batch=2, seq=64, gemm=(512,)),
+    "M": dict(dim=1024, hidden=3584, experts=8, top_k=2, batch=4, seq=512, gemm=2048),
+    "quick": dict(dim=128, hidden=256, experts=8, top_k=2, batch=2, seq=64, gemm=512),
 }
 
 
@@ -36,19 +40,21 @@ def useful_flops(c):
   return 2 * n * c["dim"] * c["experts"] + 2 * n * c["top_k"] * 3 * c["dim"] * c["hidden"]
 
 
-def jax_times(c, params, x, dispatch, iters):
-  """(forward seconds, forward+backward seconds) of the jitted layer."""
-  layer = moe.MoeFeedForward(c["experts"], c["top_k"], c["hidden"], dispatch)
+def layer_of(c, dispatch):
+  return moe.MoeFeedForward(c["experts"], c["top_k"], c["hidden"], dispatch)
+
+
+def jax_contenders(c, params, x, dispatch):
+  """{'<dispatch> fwd': forward, '<dispatch> fwd+bwd': gradients wrt params and input} of the jitted layer."""
+  layer = layer_of(c, dispatch)
   forward = jax.jit(lambda p, inputs: layer.apply({"params": p}, inputs))
   grad = jax.jit(jax.grad(lambda p, inputs: jnp.sum(layer.apply({"params": p}, inputs) ** 2), argnums=(0, 1)))
-  fwd = best_time(lambda: forward(params, x).block_until_ready(), iters)
-  bwd = best_time(lambda: jax.block_until_ready(grad(params, x)), iters)
-  return fwd, bwd
+  return {f"{dispatch} fwd": lambda: forward(params, x).block_until_ready(),
+          f"{dispatch} fwd+bwd": lambda: jax.block_until_ready(grad(params, x))}
 
 
-def torch_forward_time(c, params, x, iters):
-  """transformers 4.57 MixtralSparseMoeBlock (loops over experts, index_add) with our weights; its output is
-  checked against ours so both run the same computation."""
+def torch_block(c, params):
+  """transformers 4.57 MixtralSparseMoeBlock (loops over experts, index_add) holding our weights."""
   config = transformers.MixtralConfig(hidden_size=c["dim"], intermediate_size=c["hidden"],
                                       num_local_experts=c["experts"], num_experts_per_tok=c["top_k"])
   block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config).eval()
@@ -58,41 +64,47 @@ def torch_forward_time(c, params, x, iters):
       expert.w1.weight.copy_(torch.from_numpy(np.array(params["gate"][e]).T))
       expert.w3.weight.copy_(torch.from_numpy(np.array(params["up"][e]).T))
       expert.w2.weight.copy_(torch.from_numpy(np.array(params["down"][e]).T))
-  tx = torch.from_numpy(np.array(x))
-  with torch.no_grad():
-    out = block(tx)[0].numpy()
-    seconds = best_time(lambda: block(tx), iters)
-  return seconds, out
+  return block
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=2)
+  parser.add_argument("--dispatches", default="grouped,blocked,dense")
   args = parser.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   c = CONFIGS["quick" if args.quick else "M"]
-  print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  config: {c}")
-
-  roof, gemms = matmul_roof(c["gemm"], args.iters)
-  print("f32 matmul roof: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemms.items()) + " GFLOP/s")
+  dispatches = args.dispatches.split(",")
+  print(f"device {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}, config {c}", flush=True)
 
   x = jax.random.normal(jax.random.key(0), (c["batch"], c["seq"], c["dim"]), jnp.float32)
-  layer = moe.MoeFeedForward(c["experts"], c["top_k"], c["hidden"], "grouped")
-  params = nn.meta.unbox(layer.init(jax.random.key(1), x))["params"]
-  flops = useful_flops(c)
-  times = {d: jax_times(c, params, x, d, args.iters) for d in ("grouped", "dense")}
-  for d, (fwd, bwd) in times.items():
-    print(f"jax {d:8s} forward {fwd * 1e3:9.1f} ms  {flops / fwd / 1e9:7.1f} GFLOP/s ({flops / fwd / roof:.0%} "
-          f"of roof) | fwd+bwd {bwd * 1e3:9.1f} ms  {3 * flops / bwd / 1e9:7.1f} GFLOP/s "
-          f"({3 * flops / bwd / roof:.0%} of roof)")
-  print(f"grouped vs dense: forward x{times['dense'][0] / times['grouped'][0]:.2f}, "
-        f"fwd+bwd x{times['dense'][1] / times['grouped'][1]:.2f} faster")
+  params = nn.meta.unbox(layer_of(c, "dense").init(jax.random.key(1), x))["params"]
+  block, tx = torch_block(c, params), torch.from_numpy(np.array(x))
+  with torch.no_grad():
+    reference = block(tx)[0].numpy()
+  for d in dispatches:  # every path computes the same layer as transformers before it is timed
+    diff = np.abs(np.asarray(layer_of(c, d).apply({"params": params}, x)) - reference).max()
+    print(f"{d}: max |ours - MixtralSparseMoeBlock| = {diff:.1e}", flush=True)
 
-  torch_seconds, torch_out = torch_forward_time(c, params, x, args.iters)
-  ours = np.asarray(layer.apply({"params": params}, x))
-  print(f"torch MixtralSparseMoeBlock forward {torch_seconds * 1e3:9.1f} ms; jax grouped is "
-        f"x{torch_seconds / times['grouped'][0]:.2f} its speed (max |diff| {np.abs(ours - torch_out).max():.1e})")
+  fns = {name: fn for d in dispatches for name, fn in jax_contenders(c, params, x, d).items()}
+  fns["torch fwd"] = lambda: block(tx)
+  fns.update(gemms("float32", c["gemm"]))
+  with torch.inference_mode():
+    best = fastest(fns, args.iters)
+  roof_name = min(("xla GEMM", "torch GEMM"), key=lambda k: best[k][0])
+  roof = 2 * c["gemm"] ** 3 / best[roof_name][0]
+  flops = useful_flops(c)
+  gemm = {k: 2 * c["gemm"] ** 3 / best[k][0] / 1e9 for k in ("xla GEMM", "torch GEMM")}
+  print(f"roof {roof / 1e9:.1f} GFLOP/s ({roof_name} {c['gemm']}^3; xla {gemm['xla GEMM']:.1f}, torch "
+        f"{gemm['torch GEMM']:.1f}); useful forward {flops / 1e9:.1f} GFLOP")
+  print(f"{'contender':16s} {'ms':>9s} {'GFLOP/s':>8s} {'% roof':>7s} {'vs dense':>9s}")
+  for name in [n for n in fns if "GEMM" not in n]:
+    seconds = best[name][0]
+    work = 3 * flops if name.endswith("fwd+bwd") else flops
+    dense = best.get("dense" + name[name.index(" "):], (float("nan"),))[0]
+    print(f"{name:16s} {seconds * 1e3:9.1f} {work / seconds / 1e9:8.1f} {work / seconds / roof:7.1%} "
+          f"{dense / seconds:8.2f}x")
 
 
 if __name__ == "__main__":

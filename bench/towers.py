@@ -23,13 +23,11 @@ import argparse
 import gc
 import os
 import sys
-import time
 from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -38,8 +36,8 @@ from sphinx_jax import config as cfg  # noqa: E402
 from sphinx_jax.convert import torch_io  # noqa: E402
 # the parity tests' torch references, so the benchmark times exactly what the tests check
 from vit_reference import clip_encode_image, numpy_state, sphinx_dinov2_features  # noqa: E402
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from roof import TORCH_DTYPES, gemms, roof as measured_roof  # noqa: E402  (bench/ is the script's directory)
+from timing import fastest  # noqa: E402
 
 
 class Case(NamedTuple):
@@ -186,35 +184,6 @@ TOWERS = {"clip": clip_case, "dinov2": dinov2_case, "eva": eva_case, "convnext":
           "blip2": blip2_case}
 
 
-def timed(fn) -> tuple[float, float]:
-  """(wall, CPU) seconds of one call; CPU time sums this process's threads (XLA's and torch's pools)."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def fastest(fns: dict[str, Callable], iters: int) -> dict[str, tuple[float, float]]:
-  """Fastest (wall, CPU) seconds of each function: one warm-up call each (compilation, caches), then `iters`
-  rounds run interleaved, so load from other processes on a shared machine falls on all of them alike."""
-  for fn in fns.values():
-    fn()
-  best = {name: (float("inf"), float("inf")) for name in fns}
-  for _ in range(iters):
-    for name, fn in fns.items():
-      wall, cpu = timed(fn)
-      best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-  return best
-
-
-def gemms(dtype: str, n: int) -> dict[str, Callable]:
-  """The roof candidates: an n^3 GEMM in `dtype` by XLA (jit) and by torch."""
-  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-  ja = jnp.asarray(a, jnp.dtype(dtype))
-  dot = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
-  ta = torch.from_numpy(a).to(TORCH_DTYPES[dtype])
-  return {"xla GEMM": lambda: dot(ja).block_until_ready(), "torch GEMM": lambda: torch.mm(ta, ta)}
-
-
 def run_tower(name: str, args) -> None:
   case = TOWERS[name](args.dtype, args)
   x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(TORCH_DTYPES[args.dtype])
@@ -222,8 +191,7 @@ def run_tower(name: str, args) -> None:
   with torch.inference_mode():
     best = fastest({"jax": lambda: case.jax_forward(xj).block_until_ready(), "torch": lambda: case.torch_forward(x),
                     **gemms(args.dtype, args.gemm)}, args.iters)
-  roof_name = min(("xla GEMM", "torch GEMM"), key=lambda k: best[k][0])
-  roof = 2 * args.gemm ** 3 / best[roof_name][0]
+  roof, roof_name = measured_roof(best, args.gemm)
   (t_jax, c_jax), (t_torch, c_torch) = best["jax"], best["torch"]
   flops = case.flops * args.batch
   print(f"{name:8s} {args.dtype:8s} batch {args.batch}  JAX {t_jax * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "

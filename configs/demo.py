@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
       tokenizer=str(ASSETS / "demo_tokenizer.model"), global_batch_size=8, max_len=291 + 96, num_workers=1,
       bad_fraction_min_records=1000, max_bad_fraction=0.2)
   c.train = cfg.train_config(num_steps=1200, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0, clip_grad=1.0,
-                             log_every=20, eval_every=400, checkpoint_every=400, trainable="stage2")
+                             log_every=20, eval_every=400, eval_at_start=True, checkpoint_every=400,
+                             trainable="stage2")
   c.eval = cfg.eval_config(tasks=("vqa", "rec"), num_samples=48, world_seed=10_000, max_new_tokens=24, batch=16)
   return c

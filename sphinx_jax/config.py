@@ -21,7 +21,7 @@ from sphinx_jax.errors import SphinxError
 TOWER_ORDER = ("qformer", "clip", "convnext", "dinov2")  # qformer tokens first; [clip|convnext|dinov2] channels
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj", "save_qkv_mlp")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
-MOE_DISPATCHES = ("dense", "grouped")  # models/moe.py
+MOE_DISPATCHES = ("dense", "grouped", "blocked", "expert_parallel")  # models/moe.py
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
@@ -46,9 +46,12 @@ def mixtral_config(**overrides):
   """Mixtral-8x7B (SPHINX-MoE, SPHINX.md §2.2): 8 experts, top-2, rope theta 1e6.
 
   `moe` overrides merge into the default; `moe.dispatch` is models/moe.py's 'grouped' (sorted tokens, ragged
-  matmuls) or 'dense' (every expert on every token, the reference).
+  matmuls), 'dense' (every expert on every token, the reference), 'blocked' (padded expert blocks, batched
+  matmuls: the fast one on CPU) or 'expert_parallel' (all-to-all over the mesh's
+  expert axis; `capacity_factor` 0 = lossless buffers, f > 0 drops copies past f x the even share).
   """
-  moe = {**dict(num_experts=8, top_k=2, load_balancing_weight=0.0, dispatch="grouped"), **overrides.pop("moe", {})}
+  moe = {**dict(num_experts=8, top_k=2, load_balancing_weight=0.0, dispatch="grouped", capacity_factor=0.0),
+         **overrides.pop("moe", {})}
   return llm_config(**{**dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=1e6,
                               moe=moe), **overrides})
 
@@ -189,6 +192,8 @@ def validate(config, num_devices: int | None = None) -> None:
            f"unknown dispatch {llm.moe.get('dispatch')!r}; use one of {MOE_DISPATCHES}.")
     _check(0 < llm.moe.top_k <= llm.moe.num_experts, "model.llm.moe.top_k",
            f"{llm.moe.top_k} experts per token out of {llm.moe.num_experts}; choose 1..num_experts.")
+    _check(llm.moe.get("capacity_factor", 0.0) >= 0, "model.llm.moe.capacity_factor",
+           f"{llm.moe.get('capacity_factor')}; use 0 (lossless) or a positive factor such as 1.25.")
   unknown = [t for t in model.towers if t not in TOWER_BUILDERS]
   _check(not unknown, "model.towers", f"unknown tower(s) {unknown}; known: {sorted(TOWER_BUILDERS)}.")
   _check(model.views in (1, 5), "model.views", f"{model.views} views; SPHINX uses 1 or 5.")
@@ -206,13 +211,14 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
   trainable: a preset of train/optimizer.py TRAINABLE_PRESETS (stage1, stage2, mm_stage1, llm).
   peak_flops: per-device peak FLOP/s for the MFU metric (0 = not logged).
+  eval_at_start: with eval_every, also evaluate the untrained model before step 1 of a fresh run (the baseline).
   export_to: when set, the final params are also written there as a model directory (train/export.py), ready
     for `mix`, `load` and `init_from`.
   """
   c = ml_collections.ConfigDict(dict(
       num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
       clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
-      checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
+      eval_at_start=False, checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
       export_to="",
   ))
   c.update(overrides)

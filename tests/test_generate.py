@@ -212,6 +212,20 @@ def first_stop(ids, sequences):
   return len(ids)
 
 
+def test_eos_ends_a_row_and_is_dropped(setup, tokenizer):
+  """EOS's lm_head column becomes a copy of a generated token's column, so greedy decoding picks EOS (argmax takes
+  the lower id of a tie) exactly where that token first came: the row ends there, without the EOS."""
+  generator, model, params, _ = setup
+  prompt = [prompt_ids(tokenizer, "### Human: where is the")]
+  free = generator.generate_ids(prompt, None, max_new_tokens=12, stops=[])[0]
+  assert len(free) == 12  # no EOS of its own
+  k = next(i for i in range(1, 12) if free[i] not in free[:i] and free[i] > tokenizer.eos_id)
+  kernel = params["llm"]["lm_head"]["kernel"]
+  llm = dict(params["llm"], lm_head={"kernel": kernel.at[:, tokenizer.eos_id].set(kernel[:, free[k]])})
+  ended = gen.Generator(model, dict(params, llm=llm), tokenizer, buckets=BUCKETS)
+  assert ended.generate_ids(prompt, None, max_new_tokens=12, stops=[])[0] == free[:k]
+
+
 def test_stop_strings_cut_exactly(setup, tokenizer):
   generator, _, _, image = setup
   prompt = [prompt_ids(tokenizer, "### Human: how many")]

@@ -9,12 +9,14 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 
+from sphinx_jax import config as cfg
 from sphinx_jax.convert import hf
 from sphinx_jax.errors import SphinxError
-from sphinx_jax.inference.decode import for_decoding, make_generate
+from sphinx_jax.inference.generate import Generator
 from sphinx_jax.models import layers
 from sphinx_jax.models.llama import (Llama, _cudnn_attention, attention_backend, init_cache, stack_layers,
                                      unstack_layers)
+from sphinx_jax.models.sphinx import Sphinx
 from torch_init import randomize_decoder_
 
 VOCAB, PROMPT = 128, 12
@@ -29,7 +31,7 @@ def hf_llama(kv_heads, seed=0, **overrides):
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
   randomize_decoder_(model)
-  model.generation_config.eos_token_id = None  # greedy runs its full length
+  model.generation_config.eos_token_id = None  # greedy runs its full length (the Generator knows no EOS here)
   return model
 
 
@@ -78,48 +80,54 @@ def test_linear_rope_scaling_matches_hf():
   np.testing.assert_allclose(np.asarray(logits), hf_logits(model, toks), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
-def test_greedy_continuation_matches_hf(scan_layers):
-  model = hf_llama(2)
-  ours, params = ours_from(model, True)
-  if not scan_layers:
-    ours, params = for_decoding(ours, params)  # the unscanned model the decode loop prefers
-    assert not ours.config.scan_layers and "layers_1" in params
-  toks = tokens(2, PROMPT, seed=3)
+def generator_of(model, params, unscan_layers=False):
+  """The decode loop of inference/generate.py on the decoder alone: a text-only SPHINX (towers=()), no tokenizer."""
+  sphinx = Sphinx(cfg.model_config(model.config, (), 0, 1, dtype="float32"))
+  return Generator(sphinx, {"llm": params}, unscan_layers=unscan_layers)
+
+
+def hf_greedy(model, prompts, new):
+  """HF greedy continuations of id lists in one left-padded batch (attention mask 0 on the padding)."""
+  length = max(map(len, prompts))
+  ids = torch.zeros(len(prompts), length, dtype=torch.long)
+  mask = torch.zeros(len(prompts), length, dtype=torch.long)
+  for i, prompt in enumerate(prompts):
+    ids[i, length - len(prompt):] = torch.tensor(prompt)
+    mask[i, length - len(prompt):] = 1
   with torch.no_grad():
-    expected = model.generate(torch.from_numpy(toks).long(), attention_mask=torch.ones(toks.shape, dtype=torch.long),
-                              max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()[:, PROMPT:]
-  got = make_generate(ours, 16)(params, jnp.asarray(toks))
-  np.testing.assert_array_equal(np.asarray(got), expected)
-  assert len(set(expected.ravel().tolist())) > 2  # a real continuation, not one repeated token
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+  return out[:, length:].tolist()
 
 
-def test_left_padded_row_decodes_like_the_unpadded_prompt():
+@pytest.mark.parametrize("unscan_layers", [False, True], ids=["scan", "loop"])
+def test_greedy_continuation_matches_hf(unscan_layers):
+  """16 greedy tokens for a batch of a 12- and a 7-token prompt: the short row is padded, its positions start at 0."""
   model = hf_llama(2)
   ours, params = ours_from(model, True)
-  toks = tokens(2, PROMPT, seed=4)
-  short = toks[1, 4:]
-  padded = toks.copy()
-  padded[1, :4] = 0
-  segments = np.ones_like(toks)
-  segments[1, :4] = 0
-  generate = make_generate(ours, 8)
-  batch = generate(params, jnp.asarray(padded), segment_ids=jnp.asarray(segments))
-  alone = make_generate(ours, 8)(params, jnp.asarray(short[None]))
-  np.testing.assert_array_equal(np.asarray(batch[1]), np.asarray(alone[0]))
-  np.testing.assert_array_equal(np.asarray(batch[0]), np.asarray(generate(params, jnp.asarray(toks))[0]))
+  toks = tokens(2, PROMPT, seed=3)
+  prompts = [toks[0].tolist(), toks[1, 5:].tolist()]
+  expected = hf_greedy(model, prompts, 16)
+  assert all(len(set(row)) > 2 for row in expected)  # real continuations, not one repeated token
+  if not unscan_layers:
+    assert generator_of(ours, params).generate_ids(prompts, max_new_tokens=16) == expected
+    return
+  # Built with another model's params, then given the right (scanned) ones as training evaluation does: the
+  # setter must unstack them into the unscanned layout the decode loop runs.
+  generator = generator_of(ours, ours_from(hf_llama(2, seed=1), True)[1], unscan_layers=True)
+  generator.params = {"llm": params}
+  assert not generator.model.config.llm.scan_layers and "layers_1" in generator.params["llm"]
+  assert generator.generate_ids(prompts, max_new_tokens=16) == expected
 
 
-def test_generation_stops_at_eos():
-  model = hf_llama(2)
-  ours, params = ours_from(model, True)
-  toks = tokens(1, PROMPT, seed=3)
-  free = np.asarray(make_generate(ours, 8)(params, jnp.asarray(toks)))[0]
-  eos = int(free[2])  # make the third generated token the end
-  stopped = np.asarray(make_generate(ours, 8, eos_id=eos)(params, jnp.asarray(toks)))[0]
-  first = int(np.argmax(free == eos))
-  np.testing.assert_array_equal(stopped[:first + 1], free[:first + 1])
-  assert (stopped[first:] == eos).all()
+def test_generator_without_tokenizer_takes_ids_only():
+  ours, params = ours_from(hf_llama(2), True)
+  generator = generator_of(ours, params)
+  with pytest.raises(SphinxError, match="a text prompt needs a tokenizer"):
+    generator.generate_ids(["hello"], max_new_tokens=4)
+  with pytest.raises(SphinxError, match="a stop string needs a tokenizer"):
+    generator.generate_ids([[1, 2, 3]], max_new_tokens=4, stops=["###"])
+  with pytest.raises(SphinxError, match="text output needs a tokenizer"):
+    generator.generate([[1, 2, 3]], max_new_tokens=4, stops=[])
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
@@ -200,15 +208,16 @@ def test_llm_config_from_hf_rejects_what_the_original_cannot_express(field, valu
     hf.llm_config_from_hf(config)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
-def test_kv_cache_decoding_equals_full_forward(scan_layers):
+@pytest.mark.parametrize("scan_layers, per_layer", [(True, False), (False, False), (False, True)],
+                         ids=["scan", "loop", "loop-per-layer-cache"])
+def test_kv_cache_decoding_equals_full_forward(scan_layers, per_layer):
   model = hf_llama(2)
   ours, params = ours_from(model, scan_layers)
   apply = jax.jit(ours.apply)
   batch, prefill, steps = 3, 7, 8
   toks = jnp.asarray(tokens(batch, prefill + steps, seed=5))
   full, _ = apply({"params": params}, toks, positions=arange_positions(batch, prefill + steps))
-  cache = init_cache(ours.config, batch, prefill + steps + 3)  # spare slots stay masked
+  cache = init_cache(ours.config, batch, prefill + steps + 3, per_layer=per_layer)  # spare slots stay masked
   step_logits, cache = apply({"params": params}, toks[:, :prefill], positions=arange_positions(batch, prefill),
                              cache=cache)
   pieces = [step_logits]
@@ -217,7 +226,15 @@ def test_kv_cache_decoding_equals_full_forward(scan_layers):
                                cache=cache)
     pieces.append(step_logits)
   assert int(cache["index"]) == prefill + steps
+  assert isinstance(cache["k"], list) == per_layer and len(cache["k"]) == 2
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(full), rtol=0, atol=1e-5)
+
+
+def test_per_layer_cache_needs_unscanned_layers():
+  ours, params = ours_from(hf_llama(2), True)
+  with pytest.raises(SphinxError, match="per_layer=True\\) needs scan_layers=False"):
+    ours.apply({"params": params}, jnp.asarray(tokens(1, 4)), positions=arange_positions(1, 4),
+               cache=init_cache(ours.config, 1, 8, per_layer=True))
 
 
 def test_embeddings_input_equals_tokens_input():

@@ -1,6 +1,7 @@
 """Weight mixing (sphinx_jax/mixing.py): every leaf against a numpy reference of the formula written here,
-subtree restriction, bf16 storage with fp32 arithmetic, refusals that leave nothing behind, a mixed model
-that loads and generates, and the memory bound of streaming measured in a subprocess."""
+subtree restriction, bf16 storage with fp32 arithmetic, zstd inputs and an uncompressed output, refusals that
+leave nothing behind, a mixed model that loads and generates, and the memory bound of streaming measured in a
+subprocess."""
 import json
 import os
 import subprocess
@@ -42,9 +43,9 @@ def toy_params(seed, shapes=None):
   return {p: rng.standard_normal(shape).astype(dtype) for p, (shape, dtype) in shapes.items()}
 
 
-def save(path, leaves, config=None, tokenizer=None, chunk_bytes=None):
+def save(path, leaves, config=None, tokenizer=None, chunk_bytes=None, compress=False):
   return checkpoint.save_model_dir(path, checkpoint.unflatten(leaves), config or toy_config(), tokenizer,
-                                   chunk_bytes=chunk_bytes)
+                                   chunk_bytes=chunk_bytes, compress=compress)
 
 
 def load_leaves(path):
@@ -122,6 +123,24 @@ def test_task_arithmetic_matches_numpy_reference(toys, tmp_path):
   provenance = checkpoint.read_metadata(out)["provenance"]
   assert provenance["base"] == str(Path(dirs[0]).absolute()) and provenance["weights"] == list(lambdas)
   assert provenance["include"] == ["llm/layers/.*"] and len(provenance["inputs"]) == 2
+
+
+def compressor(model_dir, leaf):
+  return checkpoint.open_leaf(Path(model_dir) / checkpoint.PARAMS_DIR, leaf).spec().to_json()["metadata"]["compressor"]
+
+
+def test_zstd_inputs_mix_to_the_same_bytes_and_the_output_is_uncompressed(toys, tmp_path):
+  # Model directories written before the uncompressed default hold zstd chunks: they must mix alike.
+  _, dirs, leaves = toys
+  zstd = save(tmp_path / "zstd0", leaves[0], compress=True)
+  assert compressor(zstd, "llm/embed") == {"id": "zstd", "level": 1} and compressor(dirs[1], "llm/embed") is None
+  weights = (0.25, 0.75)
+  want = load_leaves(run_mix(tmp_path / "plain", dirs[:2], weights))
+  out = run_mix(tmp_path / "out", [zstd, dirs[1]], weights)
+  got = load_leaves(out)
+  for path in leaves[0]:
+    np.testing.assert_array_equal(got[path].view(np.uint8), want[path].view(np.uint8), err_msg=path)
+    assert compressor(out, path) is None, path  # written raw: reading it back costs no decompression
 
 
 def nothing_written(root: Path, name="out"):
@@ -286,8 +305,9 @@ def test_streaming_peak_rss_stays_far_below_one_model(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   rss = json.loads(done.stdout.strip().splitlines()[-1])
   grown = rss["peak"] - rss["baseline"]
-  # Per chunk: the inputs read, the fp32 sum and product, the result, TensorStore's copy and (de)compression
-  # buffers (measured: about 8 chunks + 15 MB, the same for a model twice as large), so 4 x (inputs + 1).
+  # Per chunk in flight (checkpoint.LOOKAHEAD being computed, one being stored): the inputs read as float32
+  # (the sum is formed in their buffers), the result, TensorStore's read and write buffers, and what the
+  # allocator keeps for reuse (measured: 43-75 MB with LOOKAHEAD 2), so 4 x (inputs + 1).
   bound = 4 * (2 + 1) * chunk + 48 * mb
   print(f"mix of 2 x {model_bytes / mb:.0f} MB: peak RSS grew {grown / mb:.0f} MB (bound {bound / mb:.0f} MB)")
   assert grown < bound < model_bytes / 2

@@ -1,6 +1,8 @@
 """SPHINX-MoE's Mixtral decoder: logits against transformers.MixtralForCausalLM (4.57.6, eager) through
 convert/hf_mixtral.py, the bit-exact round trip, dense vs grouped dispatch (outputs and gradients), the
-load-balancing loss against numpy on HF's own router logits, and the forward sharded over (data, expert, tensor)."""
+load-balancing loss against numpy on HF's own router logits, the forward sharded over (data, expert, tensor), and
+the all-to-all expert-parallel dispatch against the dense one on 8 host devices (lossless default capacity, the
+configured capacity's drops)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -137,7 +139,8 @@ def layer_inputs(seed=0):
   return x, params
 
 
-def test_dense_and_grouped_dispatch_agree_in_outputs_and_gradients():
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked"])
+def test_dense_and_grouped_dispatch_agree_in_outputs_and_gradients(dispatch):
   x, params = layer_inputs()
   _, _, experts = moe.route(x.reshape(-1, 16) @ params["router"]["kernel"], TOP_K)
   counts = np.bincount(np.asarray(experts).ravel(), minlength=EXPERTS)
@@ -150,7 +153,7 @@ def test_dense_and_grouped_dispatch_agree_in_outputs_and_gradients():
     return jax.grad(f, argnums=(0, 1), has_aux=True)(params, x)
 
   (dense_p, dense_x), dense_y = loss("dense")
-  (grouped_p, grouped_x), grouped_y = loss("grouped")
+  (grouped_p, grouped_x), grouped_y = loss(dispatch)
   np.testing.assert_allclose(np.asarray(grouped_y), np.asarray(dense_y), rtol=0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(grouped_x), np.asarray(dense_x), rtol=0, atol=1e-5)
   for path, g in traverse_util.flatten_dict(dense_p, sep="/").items():
@@ -159,6 +162,24 @@ def test_dense_and_grouped_dispatch_agree_in_outputs_and_gradients():
   assert np.abs(np.asarray(dense_p["router"]["kernel"])).max() > 1e-3  # the router learns through the weights
   assert not np.asarray(dense_p["gate"][3]).any()  # an expert nobody chose gets no gradient
   assert (np.abs(np.asarray(dense_p["down"][:3])).sum(axis=(1, 2)) > 0).all()
+
+
+def test_padded_layout_example():
+  rows, counts = moe.padded_layout(jnp.array([1, 0, 1, 1]), 2, 2)
+  np.testing.assert_array_equal(np.asarray(rows), [2, 0, 3, 4])
+  np.testing.assert_array_equal(np.asarray(counts), [1, 2])
+
+
+def test_blocked_dispatch_with_several_blocks_per_expert_equals_dense():
+  """Block 3 on 14 tokens x 2 copies over 4 experts: groups span several blocks, with padding between them."""
+  x, params = layer_inputs(seed=2)
+  flat = x.reshape(-1, 16)
+  _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
+  args = (flat, weights, experts, params["gate"], params["up"], params["down"])
+  counts = np.bincount(np.asarray(experts).ravel(), minlength=EXPERTS)
+  assert (counts[:3] > 3).all() and (counts % 3 != 0).any()  # several blocks, and a partly filled one
+  np.testing.assert_allclose(np.asarray(moe.blocked_dispatch(*args, block=3)), np.asarray(moe.dense_dispatch(*args)),
+                             rtol=0, atol=1e-5)
 
 
 def test_grouped_dispatch_matches_a_per_token_loop():
@@ -217,17 +238,21 @@ GOLDEN_MOE = {  # default rules: expert -> expert, embed -> fsdp, mlp -> tensor;
 }
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "dense"])
+@pytest.mark.parametrize("dispatch", ["grouped", "dense", "expert_parallel"])
 def test_sharded_forward_over_data_expert_tensor_equals_single_device(dispatch):
   assert jax.device_count() == 8
-  llm = presets.get_config("tiny_sphinx_moe").model.llm
-  llm.update(dict(vocab_size=VOCAB, moe=dict(dispatch=dispatch)))
-  model = Llama(llm)
+
+  def llm(kind):
+    c = presets.get_config("tiny_sphinx_moe").model.llm
+    c.update(dict(vocab_size=VOCAB, moe=dict(dispatch=kind)))
+    return c
+
+  model, dense = Llama(llm(dispatch)), Llama(llm("dense"))  # dense: the single-device reference and init
   toks = jnp.asarray(tokens(batch=4, length=8, seed=7))
   pos = positions(4, 8)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), toks, positions=pos))["params"]
-  params = nn.meta.unbox(model.init(jax.random.key(2), toks, positions=pos))["params"]
-  expected, _ = jax.jit(model.apply)({"params": params}, toks, positions=pos)
+  boxed = jax.eval_shape(lambda: dense.init(jax.random.key(0), toks, positions=pos))["params"]
+  params = nn.meta.unbox(dense.init(jax.random.key(2), toks, positions=pos))["params"]
+  expected, _ = jax.jit(dense.apply)({"params": params}, toks, positions=pos)
 
   m = sh.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=2, expert=2)))
   param_sh = nn.meta.unbox(sh.param_shardings(boxed, m, sh.DEFAULT_RULES))
@@ -245,3 +270,117 @@ def test_sharded_forward_over_data_expert_tensor_equals_single_device(dispatch):
   with jax.set_mesh(m):
     got = jax.jit(forward, in_shardings=(param_sh, data_sh, data_sh))(placed, toks, pos)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
+
+
+# --- expert-parallel dispatch (all-to-all over the 'expert' axis) -------------------------------------------
+
+EP_MESHES = [dict(data=2, fsdp=1, tensor=2, expert=2), dict(data=1, fsdp=2, tensor=1, expert=4)]
+
+
+def ep_inputs(seed=0):
+  """x float[4, 8, 16] (32 tokens: 4 or 8 per device) and the layer's params."""
+  x = jax.random.normal(jax.random.key(seed), (4, 8, 16))
+  return x, nn.meta.unbox(moe_layer("dense").init(jax.random.key(seed + 1), x))["params"]
+
+
+def layer_grads(dispatch, params, x, capacity_factor=0.0):
+  """Jitted (params grads, x grads), output of a loss that weights every output differently."""
+  layer = moe.MoeFeedForward(num_experts=EXPERTS, top_k=TOP_K, hidden=24, dispatch=dispatch,
+                             capacity_factor=capacity_factor)
+
+  def f(p, inputs):
+    y = layer.apply({"params": p}, inputs)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+  return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(params, x)
+
+
+def assert_trees_close(got, expected):
+  flat = traverse_util.flatten_dict(expected, sep="/")
+  for path, value in traverse_util.flatten_dict(got, sep="/").items():
+    np.testing.assert_allclose(np.asarray(value), np.asarray(flat[path]), rtol=0, atol=1e-5, err_msg=path)
+
+
+def mesh_of(sizes):
+  return sh.make_mesh(ml_collections.ConfigDict(sizes))
+
+
+@pytest.mark.parametrize("sizes", EP_MESHES, ids=["data2-expert2-tensor2", "fsdp2-expert4"])
+def test_expert_parallel_equals_dense_in_outputs_and_gradients(sizes):
+  x, params = ep_inputs()
+  (dense_p, dense_x), dense_y = layer_grads("dense", params, x)
+  with jax.set_mesh(mesh_of(sizes)):
+    (ep_p, ep_x), ep_y = layer_grads("expert_parallel", params, x)
+    hlo = jax.jit(moe_layer("expert_parallel").apply).lower({"params": params}, x).compile().as_text()
+  assert "all-to-all" in hlo  # tokens really travel to the experts' devices
+  np.testing.assert_allclose(np.asarray(ep_y), np.asarray(dense_y), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ep_x), np.asarray(dense_x), rtol=0, atol=1e-5)
+  assert_trees_close(ep_p, dense_p)
+  assert (np.abs(np.asarray(dense_p["gate"])).sum(axis=(1, 2)) > 0).all()  # every expert (device) got tokens
+
+
+def routed_to_experts_0_and_1(params, x):
+  """Router weights sending every token to experts 0 and 1, both held by expert-device 0 of an expert=2 mesh."""
+  kernel = params["router"]["kernel"].at[:, :2].set(0.0).at[:, 2:].set(0.0)
+  x = x.at[..., 0].set(jnp.abs(x[..., 0]) + 1.0)
+  kernel = kernel.at[0, 0].set(20.0).at[0, 1].set(19.0)  # logits 20*x0 > 19*x0 > 0 for the other two experts
+  return {**params, "router": {"kernel": kernel}}, x
+
+
+def test_default_capacity_is_lossless_when_every_copy_goes_to_one_device():
+  x, params = ep_inputs(seed=4)
+  params, x = routed_to_experts_0_and_1(params, x)
+  _, _, experts = moe.route(x.reshape(-1, 16) @ params["router"]["kernel"], TOP_K)
+  assert set(np.asarray(experts).ravel()) == {0, 1}  # the worst case: all 64 copies to one of 2 devices
+  (dense_p, dense_x), dense_y = layer_grads("dense", params, x)
+  with jax.set_mesh(mesh_of(EP_MESHES[0])):
+    (ep_p, ep_x), ep_y = layer_grads("expert_parallel", params, x)
+  np.testing.assert_allclose(np.asarray(ep_y), np.asarray(dense_y), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ep_x), np.asarray(dense_x), rtol=0, atol=1e-5)
+  assert_trees_close(ep_p, dense_p)
+
+
+def test_configured_capacity_drops_the_copies_past_it():
+  """capacity_factor 1 on expert=2: C = ceil(16 copies / 2) = 8 rows per (source, destination). Each of the 4
+  token shards (data x expert) holds 8 tokens = 16 copies, all bound for device 0; the first 8 copies in
+  (token, k) order fit, i.e. the first 4 tokens of each shard keep both experts and the last 4 lose both."""
+  x, params = ep_inputs(seed=4)
+  params, x = routed_to_experts_0_and_1(params, x)
+  _, dense_y = layer_grads("dense", params, x)
+  with jax.set_mesh(mesh_of(EP_MESHES[0])):
+    _, ep_y = layer_grads("expert_parallel", params, x, capacity_factor=1.0)
+  kept = (np.arange(32) % 8 < 4).reshape(4, 8, 1)
+  assert np.abs(np.asarray(dense_y)[~kept.repeat(16, -1)]).min() > 0  # the dropped outputs were non-zero
+  np.testing.assert_allclose(np.asarray(ep_y), np.where(kept, np.asarray(dense_y), 0.0), rtol=0, atol=1e-5)
+
+
+def test_group_rank_and_capacity():
+  np.testing.assert_array_equal(np.asarray(moe.group_rank(jnp.array([1, 0, 1, 1]), 2)), [0, 0, 1, 2])
+  assert moe.capacity(16, 2, 0.0) == 16  # lossless: every copy may go to one device
+  assert moe.capacity(16, 4, 1.25) == 5 and moe.capacity(16, 2, 3.0) == 16
+
+
+def test_expert_parallel_needs_a_mesh_and_divisible_experts():
+  x, params = ep_inputs()
+  with pytest.raises(SphinxError, match="needs a device mesh"):
+    moe_layer("expert_parallel").apply({"params": params}, x)
+  with jax.set_mesh(mesh_of(dict(data=1, fsdp=1, tensor=1, expert=8))):
+    with pytest.raises(SphinxError, match="4 experts do not divide over mesh expert=8"):
+      moe_layer("expert_parallel").apply({"params": params}, x)
+
+
+def test_expert_parallel_pads_a_token_count_that_does_not_split():
+  x, params = ep_inputs(seed=6)
+  x = x[:3, :5]  # 15 tokens over data x expert = 4 shards (init and generation see such odd counts)
+  expected = moe_layer("dense").apply({"params": params}, x)
+  with jax.set_mesh(mesh_of(EP_MESHES[0])):
+    got = jax.jit(moe_layer("expert_parallel").apply)({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
+
+
+def test_capacity_factor_is_validated():
+  config = presets.get_config("tiny_sphinx_moe")
+  config.model.llm.moe.dispatch = "expert_parallel"
+  cfg.validate(config)
+  config.model.llm.moe.capacity_factor = -1.0
+  with pytest.raises(SphinxError, match=r"model\.llm\.moe\.capacity_factor"):
+    cfg.validate(config)

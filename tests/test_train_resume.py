@@ -77,6 +77,52 @@ def test_kill_during_checkpoint_write_never_resumes_from_it(corpus, reference, t
   assert not interrupted_writes(workdir)
 
 
+def child_pids(pid):
+  """Live processes whose parent is `pid` (the Grain data workers of a trainer)."""
+  children = []
+  for entry in Path("/proc").iterdir():
+    try:
+      if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+        children.append(int(entry.name))
+    except OSError:  # the process ended while we looked
+      pass
+  return children
+
+
+def alive(pid):
+  try:
+    os.kill(pid, 0)
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except (ProcessLookupError, FileNotFoundError):
+    return False
+
+
+def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(corpus, reference, tmp_path):
+  """A preempted VM's SIGTERM: the trainer saves the step it reached, stops its data workers, exits 143, and
+  the same command finishes the run with the uninterrupted losses (no checkpoint was due before the signal)."""
+  workdir = tmp_path / "run"
+  args = train_args(workdir, *corpus, f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=100",
+                    "--config.data.num_workers=1")
+  proc = start_train(args)
+  deadline = time.time() + 300
+  while logged_steps(workdir) < 5:
+    assert proc.poll() is None, f"training ended before the signal: {proc.stderr.read()[-2000:]}"
+    assert time.time() < deadline, "training did not reach step 5 in time"
+    time.sleep(0.05)
+  workers = child_pids(proc.pid)
+  assert workers, "expected a data worker process"
+  os.kill(proc.pid, signal.SIGTERM)
+  assert proc.wait(timeout=180) == 143, proc.stderr.read()[-2000:]
+  saved = checkpoint_steps(workdir)
+  assert len(saved) == 1 and 5 <= saved[0] < STEPS
+  deadline = time.time() + 20
+  while any(alive(w) for w in workers) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not any(alive(w) for w in workers), "data workers outlived the trainer"
+  run_train(args)
+  assert losses(workdir) == reference
+
+
 def test_restore_onto_another_mesh(corpus, reference, tmp_path):
   """Saved with (fsdp=8), continued with (data=2, fsdp=4): the state is resharded and training continues."""
   workdir = tmp_path / "run"

@@ -4,10 +4,11 @@ stop at "###") followed by the benchmark's official scoring (eval/metrics.py).
 
 Predictions stream to OUT (JSON lines, one per sample: id, prompt, output, parsed, truth, score), flushed
 after every batch, so a killed run resumes where it stopped: finished ids are never generated or scored again
-(a torn last line from the kill is dropped). At the end the summary (the benchmark's metrics, samples,
-malformed = replies the parser could not read, scored wrong) is printed as a table and written to
-OUT.summary.json (temp file, then rename). Greedy by default (the paper's numbers; the original's script
-defaults to temperature 0.1, top-p 0.75).
+(a torn last line from the kill is dropped). Every generate call of a run gets the same number of rows (the
+last batch is filled up with repeats of its last sample, whose outputs are dropped), so one compiled program
+serves the whole run. At the end the summary (the benchmark's metrics, samples, malformed = replies the parser
+could not read, scored wrong) is printed as a table and written to OUT.summary.json (temp file, then rename).
+Greedy by default (the paper's numbers; the original's script defaults to temperature 0.1, top-p 0.75).
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ def _check(samples, done: dict, name: str, out: Path) -> None:
                       "(see `sphinx_jax/eval/benchmarks.py`).")
 
 
+def fill_batch(ids: list[list[int]], pixels: np.ndarray, rows: int) -> tuple[list[list[int]], np.ndarray]:
+  """Repeats the last sample up to `rows`: every generate call of a run then has the same batch size, so the
+  last, partial batch reuses the compiled program instead of compiling the whole model again. Rows past
+  len(ids) are dropped by the caller (zip with the chunk). pixels uint8[B, S, S, 3] -> uint8[rows, S, S, 3]."""
+  extra = rows - len(ids)
+  return ids + ids[-1:] * extra, np.concatenate([pixels, np.repeat(pixels[-1:], extra, axis=0)])
+
+
 def evaluate(handle, name: str, data, out, *, split: str | None = None, batch_size: int = 8,
              temperature: float = 0.0, top_p: float = 0.75, progress: bool = True) -> dict[str, float]:
   """Runs (or finishes) one benchmark; returns the summary written to OUT.summary.json."""
@@ -74,6 +83,7 @@ def evaluate(handle, name: str, data, out, *, split: str | None = None, batch_si
   _check(samples, done, name, out)
   todo = [s for s in samples if s.id not in done]
   generator, tokenizer = handle.generator, handle.tokenizer
+  rows_per_call = min(batch_size, len(todo))
   with out.open("a") as f, tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name,
                                 disable=not progress) as bar:
     for start in range(0, len(todo), batch_size):
@@ -81,6 +91,7 @@ def evaluate(handle, name: str, data, out, *, split: str | None = None, batch_si
       prompts = [conversation.render_prompt([], s.question, s.prefill) for s in chunk]
       ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
       pixels = np.stack([handle.pixels(s.image) for s in chunk])
+      ids, pixels = fill_batch(ids, pixels, rows_per_call)
       outputs = generator.generate(ids, pixels, max_new_tokens=bench.max_new_tokens, temperature=temperature,
                                    top_p=top_p)
       for s, prompt, output in zip(chunk, prompts, outputs):

@@ -11,6 +11,11 @@ Differences, on purpose: every row gets up to `max_new_tokens` (the original let
 longer), only generated ids are matched against stop strings, and draws come from `jax.random` (seedable, not
 torch's stream).
 
+The decoder alone is a text-only `Sphinx` (`towers=()`, configs/llama.py): the same loop then decodes a LLaMA
+(the HF parity of greedy decoding is proven that way in tests/test_llama.py). Without a tokenizer, prompts are id
+lists and rows run to `max_new_tokens` (no EOS is known). `Generator(..., unscan_layers=True)` decodes with the
+decoder's layers unscanned (`for_decoding`), the faster layout for single-token steps.
+
 Static shapes: a prompt batch is padded to a length bucket P and the new-token budget to a bucket N, so the
 cache holds M + P + N slots and one compiled program serves every prompt of that bucket (`Generator.traces`
 counts tracings). Letters: B batch, P prompt bucket, N new-token bucket, M image positions, V vocab, W longest
@@ -26,7 +31,7 @@ import numpy as np
 
 from sphinx_jax.data.conversation import STOP
 from sphinx_jax.errors import SphinxError
-from sphinx_jax.models.llama import init_cache
+from sphinx_jax.models.llama import init_cache, unstack_layers
 from sphinx_jax.models.sphinx import Sphinx
 
 SPHINX_STOPS = (STOP,)  # what SPHINX's generate_response passes as additional_stop_symbols
@@ -55,11 +60,18 @@ def next_token(logits, temperature, top_p, key):
   """float[B, V] logits -> int32[B]: argmax when temperature == 0, else softmax(logits / T) then top-p.
 
   temperature and top_p are traced scalars, so changing them does not recompile.
+  A cond, not a select, so that greedy steps skip the sampler's sort over the vocabulary: with a select, a
+  greedy step at V 32000 spent 36 ms (batch 1) / 268 ms (batch 8) on it on the 2-core CPU box, more than the
+  decoder's matmuls of bench/decoder.py's config M; 0.1 / 0.5 ms with the cond.
   """
   logits = logits.astype(jnp.float32)
-  probs = jax.nn.softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
-  sampled = sample_top_p(probs, top_p, jax.random.uniform(key, logits.shape[:1]))
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+  def sample(logits, key):
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    return sample_top_p(probs, top_p, jax.random.uniform(key, logits.shape[:1]))
+
+  return jax.lax.cond(temperature > 0, sample, lambda logits, _: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                      logits, key)
 
 
 # ----------------------------------------------------------------------------------------------- stopping
@@ -95,9 +107,10 @@ def stop_table(sequences: list[list[int]]) -> np.ndarray:
   right-aligned with -1 (matches anything) on its left, unused rows all -3.
   Example (rows 3, width 3): [[2], [13, 835]] -> [[-1, -1, 2], [-1, 13, 835], [-3, -3, -3]].
   """
-  if len(sequences) > STOP_ROWS or max(len(s) for s in sequences) > STOP_WIDTH:
+  longest = max((len(s) for s in sequences), default=0)
+  if len(sequences) > STOP_ROWS or longest > STOP_WIDTH:
     raise SphinxError(f"generate: {len(sequences)} stop id sequences (EOS + up to two per stop string), the longest "
-                      f"{max(len(s) for s in sequences)} ids; the loop holds {STOP_ROWS} of at most {STOP_WIDTH} "
+                      f"{longest} ids; the loop holds {STOP_ROWS} of at most {STOP_WIDTH} "
                       "ids, so pass fewer or shorter stop strings.")
   table = np.full((STOP_ROWS, STOP_WIDTH), -3, np.int32)
   for i, seq in enumerate(sequences):
@@ -165,10 +178,34 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
   return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+# ---------------------------------------------------------------------------------------------- layouts
+def decode_params(model: Sphinx, params):
+  """`params` in `model`'s decoder layout: a scanned `llm` tree ('layers/...' with a leading [L] axis) is unstacked
+  when the model's decoder is unscanned; anything else is returned as is."""
+  llm = model.config.llm
+  if llm.scan_layers or "layers" not in params["llm"]:
+    return params
+  return dict(params, llm=unstack_layers(params["llm"], llm.n_layers))
+
+
+def for_decoding(model: Sphinx, params):
+  """The same model with its decoder's layers unscanned, and its params in that layout (a copy of the decoder
+  weights). The faster layout for single-token steps: a scan slices every layer's weights out of the [L, ...]
+  stack at each step (bench/decoder.py measures both)."""
+  if not model.config.llm.scan_layers:
+    return model, params
+  config = model.config.copy_and_resolve_references()
+  config.llm.scan_layers = False
+  model = model.clone(config=config)
+  return model, decode_params(model, params)
+
+
 # ----------------------------------------------------------------------------------------- device parts
 def prefill(model: Sphinx, params, tokens, lengths, images, has_image, cache_len: int):
-  """Image block + prompts into a fresh cache of `cache_len` slots -> (logits [B, V], cache, position [B])."""
-  cache = init_cache(model.config.llm, tokens.shape[0], cache_len, jnp.dtype(model.config.dtype))
+  """Image block + prompts into a fresh cache of `cache_len` slots -> (logits [B, V], cache, position [B]).
+  An unscanned decoder gets a per-layer cache (updated in place at each step)."""
+  llm = model.config.llm
+  cache = init_cache(llm, tokens.shape[0], cache_len, jnp.dtype(model.config.dtype), per_layer=not llm.scan_layers)
   return model.apply({"params": params}, tokens, lengths, cache, images, has_image, method=Sphinx.prefill)
 
 
@@ -221,10 +258,15 @@ class Generator:
 
   `generate_ids` / `generate` run a whole batch in one compiled program; `stream` yields text deltas of one
   prompt for a CLI. `traces` counts how often a jitted function was traced (once per shape bucket).
+  `tokenizer` None: id-list prompts, no stop strings, no EOS (`generate_ids` only). `unscan_layers`: decode
+  with the unscanned layout (`for_decoding`); params assigned later (training evaluation) are unstacked too,
+  and the caller may drop its scanned copy to save the memory of the decoder weights.
   """
 
-  def __init__(self, model: Sphinx, params, tokenizer, *, buckets: Sequence[int] = BUCKETS,
-               max_seq_len: int | None = None):
+  def __init__(self, model: Sphinx, params, tokenizer=None, *, buckets: Sequence[int] = BUCKETS,
+               max_seq_len: int | None = None, unscan_layers: bool = False):
+    if unscan_layers:
+      model, params = for_decoding(model, params)
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.buckets = tuple(buckets)
     self.max_seq_len = max_seq_len or model.config.llm.max_seq_len
@@ -232,6 +274,25 @@ class Generator:
     self._run = jax.jit(self._counted(run), static_argnums=(10,))
     self._prefill = jax.jit(self._counted(prefill), static_argnums=(5,))
     self._step = jax.jit(self._counted(step))
+
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    self._params = decode_params(self.model, params)
+
+  def _need_tokenizer(self, what: str):
+    if self.tokenizer is None:
+      raise SphinxError(f"generate: {what} needs a tokenizer; build the Generator with one, or pass id lists "
+                        "and no stop strings to generate_ids.")
+    return self.tokenizer
+
+  def _stop_sequences(self, stops: Sequence[str]) -> list[list[int]]:
+    if self.tokenizer is None and not stops:
+      return []
+    return stop_sequences(self._need_tokenizer("a stop string"), stops)
 
   def _counted(self, fn):
     def traced(*args):
@@ -246,7 +307,8 @@ class Generator:
     if max_new_tokens < 1:
       raise SphinxError(f"generate: max_new_tokens is {max_new_tokens}; ask for at least 1.")
     image_words = self.model.image_words if with_image else 0
-    ids = [self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts]
+    ids = [self._need_tokenizer("a text prompt").encode(p, bos=True, eos=False) if isinstance(p, str) else list(p)
+           for p in prompts]
     ids = [truncate_prompt(p, self.max_seq_len, image_words, max_new_tokens) for p in ids]
     if min(len(p) for p in ids) == 0:
       raise SphinxError("generate: an empty prompt; give at least the BOS token.")
@@ -267,7 +329,7 @@ class Generator:
     """New ids per prompt (strings are encoded with BOS), the stop sequence and what follows removed."""
     tokens, lengths = self._prepare(prompts, images is not None, max_new_tokens)
     images, has_image = self._images(images, has_image, len(tokens))
-    table = stop_table(stop_sequences(self.tokenizer, stops))
+    table = stop_table(self._stop_sequences(stops))
     out, stop_at = self._run(self.params, tokens, lengths, images, has_image, jax.random.key(seed),
                              jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table,
                              bucket(max_new_tokens, self.buckets))
@@ -276,21 +338,23 @@ class Generator:
   def generate(self, prompts, images=None, has_image=None, *, stops: Sequence[str] = SPHINX_STOPS,
                **sampling) -> list[str]:
     """Decoded replies cut before the first stop string. `sampling`: max_new_tokens, temperature, top_p, seed."""
+    tokenizer = self._need_tokenizer("text output")
     ids = self.generate_ids(prompts, images, has_image, stops=stops, **sampling)
-    return [cut_at_stops(self.tokenizer.decode(row), stops) for row in ids]
+    return [cut_at_stops(tokenizer.decode(row), stops) for row in ids]
 
   def stream(self, prompt, image=None, *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 0.95, seed: int = 0, stops: Sequence[str] = SPHINX_STOPS) -> Iterator[str]:
     """Text deltas of one reply as it is generated (`stream_generate`); joined, they equal
     `generate([prompt], image[None], ...)[0]` for the same seed. Same stop rules as `generate_ids`, checked on
     the host after every token; text that may still turn into a stop string is held back until it cannot."""
+    tokenizer = self._need_tokenizer("streaming")
     tokens, lengths = self._prepare([prompt], image is not None, max_new_tokens)
     images, has_image = self._images(None if image is None else jnp.asarray(image)[None], None, 1)
     image_words = 0 if images is None else self.model.image_words
     cache_len = image_words + tokens.shape[1] + bucket(max_new_tokens, self.buckets)
     logits, cache, position = self._prefill(self.params, tokens, lengths, images, has_image, cache_len)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    sequences = stop_sequences(self.tokenizer, stops)
+    sequences = stop_sequences(tokenizer, stops)
     key, sub = jax.random.split(jax.random.key(seed))
     token = next_token(logits, temperature, top_p, sub)
     ids, shown = [], 0
@@ -301,7 +365,7 @@ class Generator:
         position = position + 1
       ids.append(int(token[0]))
       matched = [len(q) for q in sequences if ids[-len(q):] == q]
-      text = self.tokenizer.decode(ids[:len(ids) - matched[0]] if matched else ids)
+      text = tokenizer.decode(ids[:len(ids) - matched[0]] if matched else ids)
       final = cut_at_stops(text, stops)
       if matched or len(final) < len(text):
         if len(final) > shown:

@@ -6,9 +6,9 @@ heads, K KV heads, H head dim, F FFN width, V vocab.
 In:  tokens int[B, T] or embeddings float[B, T, D] (SPHINX feeds its image-token prefix this way), positions
      int[B, T] (RoPE angle and causal order), segment_ids int[B, T] (0 = padding; packing keeps segments apart).
 Out: logits float[B, T, V] (float[B, 1, V] with last_only) and the updated cache (None without one).
-KV cache (static shapes; `init_cache`): {"k", "v": [L, B, S, K, H], "positions", "segments": int[B, S],
-"index": int32[]}; a call writes its T entries at slots index..index+T-1, so a prefill of P tokens is followed by
-single-token steps. Empty slots carry segment 0 and are masked out.
+KV cache (static shapes; `init_cache`): {"k", "v": [L, B, S, K, H] (or lists of L [B, S, K, H], per_layer),
+"positions", "segments": int[B, S], "index": int32[]}; a call writes its T entries at slots index..index+T-1, so
+a prefill of P tokens is followed by single-token steps. Empty slots carry segment 0 and are masked out.
 Not ported: fairscale model parallelism (sharding comes from the logical axes), the original's float mask
 argument (masks come from positions and segment ids).
 """
@@ -54,9 +54,20 @@ def attention_backend(name: str):
   raise SphinxError(f"config.model.llm.attention={name!r}: unknown backend; use 'xla', 'cudnn' or 'splash'.")
 
 
-def init_cache(llm, batch: int, length: int, dtype=jnp.float32):
-  """An empty KV cache for `length` positions (prompt + new tokens), every slot invalid (segment 0)."""
-  shape = (llm.n_layers, batch, length, llm.n_kv_heads, llm.dim // llm.n_heads)
+def init_cache(llm, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False):
+  """An empty KV cache for `length` positions (prompt + new tokens), every slot invalid (segment 0).
+
+  per_layer (unscanned decoders only): "k", "v" are lists of L arrays [B, S, K, H], so that a decode step
+  updates each layer's buffer in place; a stacked [L, ...] buffer is sliced per layer and re-stacked, i.e.
+  copied whole, at every step of an unscanned decoder.
+  """
+  shape = (batch, length, llm.n_kv_heads, llm.dim // llm.n_heads)
+  if per_layer:
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(llm.n_layers)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(llm.n_layers)],
+            "positions": jnp.zeros((batch, length), jnp.int32), "segments": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+  shape = (llm.n_layers, *shape)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "positions": jnp.zeros((batch, length), jnp.int32), "segments": jnp.zeros((batch, length), jnp.int32),
           "index": jnp.zeros((), jnp.int32)}
@@ -126,7 +137,8 @@ class Block(nn.Module):
     h = _constrain(x + attn)
     if c.moe:  # Mixtral: the sparse expert FFN (models/moe.py) replaces the dense one
       ffn = moe.MoeFeedForward(c.moe.num_experts, c.moe.top_k, ffn_hidden_dim(c), c.moe.dispatch, self.dtype,
-                               self.param_dtype, name="moe")(norm(name="ffn_norm")(h))
+                               self.param_dtype, c.moe.get("capacity_factor", 0.0), name="moe")(
+                                   norm(name="ffn_norm")(h))
     else:
       ffn = FeedForward(ffn_hidden_dim(c), self.dtype, self.param_dtype, name="mlp")(norm(name="ffn_norm")(h))
     return _constrain(h + ffn), new_cache
@@ -160,14 +172,19 @@ class Llama(nn.Module):
                                 param_dtype=self.param_dtype)
 
   def _blocks(self, x, layer_caches, positions, mask, index):
+    per_layer = layer_caches is not None and isinstance(layer_caches["k"], list)
     if self.config.scan_layers:
+      if per_layer:
+        raise SphinxError("Llama: a per-layer KV cache (init_cache per_layer=True) needs scan_layers=False.")
       return self.layers(x, layer_caches, positions, mask, index)
     outs = []
     for i, block in enumerate(self.layers):
-      x, out = block(x, None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches),
+      x, out = block(x, None if layer_caches is None else {n: buffers[i] for n, buffers in layer_caches.items()},
                      positions, mask, index)
       outs.append(out)
-    return x, None if layer_caches is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if layer_caches is None:
+      return x, None
+    return x, {n: [o[n] for o in outs] if per_layer else jnp.stack([o[n] for o in outs]) for n in ("k", "v")}
 
   def __call__(self, tokens=None, *, embeddings=None, positions, segment_ids=None, cache=None, last_only=False):
     """Args: tokens int[B, T] xor embeddings float[B, T, D]; positions int[B, T]; segment_ids int[B, T] (default

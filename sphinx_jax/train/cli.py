@@ -3,11 +3,15 @@
 Multi-host: on Cloud TPU VMs `jax.distributed.initialize()` finds its peers by itself (`--distributed auto`,
 the default when a TPU is present); elsewhere pass --coordinator_address, --num_processes and --process_id
 (every process runs the same command).
+Exit status: 0 when the run reached train.num_steps (or --stop_after); 143 (128 + SIGTERM) when it was preempted
+and saved a checkpoint, so that job supervisors (GKE, Slurm, a shell loop) restart it and it resumes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+
+PREEMPTED_EXIT = 143
 
 
 def add_train_parser(subparsers):
@@ -41,6 +45,6 @@ def run(args) -> int:
   summary = train(config, args.workdir, stop_after=args.stop_after)
   import jax
   if jax.process_index() == 0:
-    print(json.dumps({k: summary[k] for k in ("last_step", "loss", "eval", "predictions") if k in summary},
-                     indent=1, default=str))
-  return 0
+    print(json.dumps({k: summary[k] for k in ("last_step", "preempted_at", "loss", "eval", "predictions")
+                      if k in summary}, indent=1, default=str))
+  return PREEMPTED_EXIT if "preempted_at" in summary else 0

@@ -4,11 +4,15 @@ step, logs (tqdm, TensorBoard, WORKDIR/metrics.jsonl), evaluates, checkpoints an
 Mirrors the stage-2 fine-tuning of LLaMA2-Accessory (`main_finetune.py` + `engine_finetune.py`): frozen towers,
 trainable LLM + fusion (per `train.trainable`), AdamW with the original's decay rule, warm-up + cosine.
 Resume: the latest complete checkpoint under WORKDIR/checkpoints is restored (state and data iterator), so the
-same command continues a killed run. Only process 0 writes logs; checkpoints are written by all processes.
+same command continues a killed run. Preemption: SIGTERM (a preempted or spot TPU VM, `scancel`, `kill`) saves a
+checkpoint at the next step boundary and stops cleanly (data workers included); multi-process runs agree on that
+step through JAX's coordination service. Only process 0 writes logs; checkpoints are written by all processes.
 """
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -196,6 +200,33 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
   return summary
 
 
+class Preemption:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+
+  One process: a Python handler sets a flag (installed from the main thread only; the previous handler comes back
+  on exit). Several processes: JAX's preemption sync manager owns SIGTERM and picks a step every process reaches
+  (`CheckpointManager.reached_preemption`), so no handler is installed here.
+  """
+
+  def __init__(self):
+    self.requested, self._previous = False, None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+    return self
+
+  def _request(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:  # None also when no handler was installed
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, manager, step: int) -> bool:
+    return manager.reached_preemption(step) if jax.process_count() > 1 else self.requested
+
+
 def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after):
   from tqdm import tqdm
 
@@ -207,45 +238,57 @@ def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, 
   peak = t.get("peak_flops") or 0.0
   summary = {"first_step": first, "eval": {}}
   evaluator = Evaluator(config, model, tokenizer) if t.eval_every else None
+
+  def evaluate(done):
+    scores = evaluator.run(state.params, workdir / "predictions" / f"step_{done}", log if lead else None, done)
+    log.write(done, {f"eval/{k}": v for k, v in scores.items()})
+    summary["eval"][done] = scores
+
+  if evaluator and first == 0 and t.get("eval_at_start"):
+    evaluate(0)  # the untrained model's scores: the baseline the later evaluations are read against
   bar = tqdm(range(first, last), initial=first, total=t.num_steps, disable=not lead, desc="train",
              dynamic_ncols=True)
-  try:
-    for step in bar:
-      batch = next(data)
-      window_tokens += int(batch["tokens"].size)
-      window_images += int(np.sum(batch.get("has_image", 0)))
-      state, metrics = jitted(state, to_global(batch, in_batch))
-      pending.append(metrics)
-      done = step + 1
-      if done % t.log_every == 0 or done == last:
-        values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-        elapsed = time.perf_counter() - window_start
-        values.update(steps_per_s=len(pending) / elapsed, tokens_per_s=window_tokens / elapsed,
-                      images_per_s=window_images / elapsed)
-        if peak:
-          rows, length = batch["tokens"].shape
-          per_step = flops_lib.step_flops(config.model, rows * jax.process_count(),
-                                          length + cfg.image_tokens(config.model))
-          values["mfu"] = per_step * values["steps_per_s"] / (peak * jax.device_count())
-        values.update({f"data/bad/{k}": v for k, v in data.bad.items()})
-        log.write(done, values)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.2f}")
-        summary["loss"] = values["loss"]
-        pending, window_start, window_tokens, window_images = [], time.perf_counter(), 0, 0
-        if int(jax.device_get(state.nonfinite_in_row)) > t.max_nonfinite_in_row:
-          raise SphinxError(f"train: {int(state.nonfinite_in_row)} non-finite updates in a row at step {done} "
-                            f"(limit train.max_nonfinite_in_row={t.max_nonfinite_in_row}); lower train.lr or "
-                            f"check the data.")
-      if t.eval_every and (done % t.eval_every == 0 or done == t.num_steps):
-        scores = evaluator.run(state.params, workdir / "predictions" / f"step_{done}", log if lead else None, done)
-        log.write(done, {f"eval/{k}": v for k, v in scores.items()})
-        summary["eval"][done] = scores
-      if done % t.checkpoint_every == 0 or done == t.num_steps:
-        checkpoints.save(manager, done, state, data.get_state(), config)
-  finally:
-    manager.wait_until_finished()
-    data.close()
-    log.close()
+  with Preemption() as preemption:
+    try:
+      for step in bar:
+        batch = next(data)
+        window_tokens += int(batch["tokens"].size)
+        window_images += int(np.sum(batch.get("has_image", 0)))
+        state, metrics = jitted(state, to_global(batch, in_batch))
+        pending.append(metrics)
+        done = step + 1
+        preempted = preemption.reached(manager, done)  # every step: processes agree on the step through it
+        if done % t.log_every == 0 or done == last or preempted:
+          values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+          elapsed = time.perf_counter() - window_start
+          values.update(steps_per_s=len(pending) / elapsed, tokens_per_s=window_tokens / elapsed,
+                        images_per_s=window_images / elapsed)
+          if peak:
+            rows, length = batch["tokens"].shape
+            per_step = flops_lib.step_flops(config.model, rows * jax.process_count(),
+                                            length + cfg.image_tokens(config.model))
+            values["mfu"] = per_step * values["steps_per_s"] / (peak * jax.device_count())
+          values.update({f"data/bad/{k}": v for k, v in data.bad.items()})
+          log.write(done, values)
+          bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.2f}")
+          summary["loss"] = values["loss"]
+          pending, window_start, window_tokens, window_images = [], time.perf_counter(), 0, 0
+          if int(jax.device_get(state.nonfinite_in_row)) > t.max_nonfinite_in_row:
+            raise SphinxError(f"train: {int(state.nonfinite_in_row)} non-finite updates in a row at step {done} "
+                              f"(limit train.max_nonfinite_in_row={t.max_nonfinite_in_row}); lower train.lr or "
+                              f"check the data.")
+        if t.eval_every and (done % t.eval_every == 0 or done == t.num_steps):
+          evaluate(done)
+        if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
+          checkpoints.save(manager, done, state, data.get_state(), config)
+        if preempted:
+          last = summary["preempted_at"] = done
+          bar.write(f"train: preempted at step {done}; checkpoint saved, run the same command to resume.")
+          break
+    finally:
+      manager.wait_until_finished()
+      data.close()
+      log.close()
   summary.update(last_step=last, workdir=str(workdir), predictions=str(workdir / "predictions"),
                  skipped_updates=int(jax.device_get(state.nonfinite_total)), bad_records=dict(data.bad))
   if lead:
