@@ -83,15 +83,23 @@ class Attention(torch.nn.Module):
     self.wv = torch.nn.Linear(llm.dim, self.k * self.h, bias=False)
     self.wo = torch.nn.Linear(self.n * self.h, llm.dim, bias=False)
 
-  def forward(self, x):
+  def forward(self, x, cache=None):
+    """x [B, L, D] at positions start..start+L-1; `cache` None (start 0) or this layer's {"k", "v"} of the
+    positions before (empty dict at first), extended in place, as the original's `forward_inference`."""
     b, length, _ = x.shape
-    positions = torch.arange(length)
+    start = cache["k"].shape[1] if cache else 0
+    positions = torch.arange(start, start + length)
     q = rope(self.wq(x).view(b, length, self.n, self.h), positions, self.theta)
     k = rope(self.wk(x).view(b, length, self.k, self.h), positions, self.theta)
     v = self.wv(x).view(b, length, self.k, self.h)
+    if cache is not None:
+      if cache:
+        k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+      cache["k"], cache["v"] = k, v
     k, v = (t.repeat_interleave(self.n // self.k, dim=2) for t in (k, v))  # KV head j serves j*rep..
     scores = torch.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(self.h)
-    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    causal = torch.ones(length, start + length, dtype=torch.bool).triu(start + 1)
+    scores = scores.masked_fill(causal, float("-inf"))
     out = torch.einsum("bnqk,bknh->bqnh", scores.float().softmax(-1).type_as(q), v)
     return self.wo(out.reshape(b, length, -1))
 
@@ -114,8 +122,8 @@ class Layer(torch.nn.Module):
     self.attention, self.feed_forward = Attention(llm), FeedForward(llm)
     self.attention_norm, self.ffn_norm = RMSNorm(llm.dim, llm.norm_eps), RMSNorm(llm.dim, llm.norm_eps)
 
-  def forward(self, x):
-    h = x + self.attention(self.attention_norm(x))
+  def forward(self, x, cache=None):
+    h = x + self.attention(self.attention_norm(x), cache)
     return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -236,16 +244,30 @@ class TorchSphinx(torch.nn.Module):
   def encode_image(self, image):
     return torch.cat([self.encode_view(s, l) for s, l in zip(*self.views(image))], dim=1)
 
-  def forward(self, tokens, image_tokens=None):
-    """Logits from `image_words` on (the original's `forward`); image_tokens from `encode_image`."""
+  def forward(self, tokens, image_tokens=None, cache=None):
+    """Logits from `image_words` on (the original's `forward`); image_tokens from `encode_image`.
+
+    `cache` (one dict per layer, empty at first; see `greedy`) keeps keys and values for later calls, which
+    then pass only the new tokens and no image."""
     h = self.tok_embeddings(tokens)
     words = 0
     if image_tokens is not None:
       h = torch.cat([h[:, :1], image_tokens, h[:, 1:]], dim=1)
       words = image_tokens.shape[1]
-    for layer in self.layers:
-      h = layer(h)
+    for i, layer in enumerate(self.layers):
+      h = layer(h, None if cache is None else cache[i])
     return self.output(self.norm(h)[:, words:])
+
+  def greedy(self, tokens, image_tokens, new_tokens):
+    """KV-cached greedy decoding (the original's `generate` at temperature 0, without stop rules): prefill of
+    image block + prompts tokens int[B, T], then one token per step. Returns int[B, new_tokens]."""
+    cache = [{} for _ in self.layers]
+    token = self(tokens, image_tokens, cache)[:, -1].argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+      token = self(token[:, None], cache=cache)[:, -1].argmax(-1)
+      out.append(token)
+    return torch.stack(out, dim=1)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint and inputs

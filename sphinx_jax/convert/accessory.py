@@ -358,6 +358,11 @@ def pick_tower(tower: str, found: dict, released, tiny) -> ml_collections.Config
                     f"{want(released)} nor the tiny twin's {want(tiny)}; only those tower geometries are supported.")
 
 
+def stored_vocab(shards: AccessoryShards) -> int:
+  """Rows of tok_embeddings (the original sets vocab_size from its tokenizer); -1 when the tensor is absent."""
+  return shards.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in shards.remaining else -1
+
+
 def resolve_config(variant: str, args: dict, shards: AccessoryShards) -> ml_collections.ConfigDict:
   """Our full config: the variant's preset (or its tiny twin when every tower is tiny), decoder from config.json."""
   released, tiny = presets.variant_config(variant), presets.variant_config(f"tiny_{variant}")
@@ -374,8 +379,7 @@ def resolve_config(variant: str, args: dict, shards: AccessoryShards) -> ml_coll
   config = tiny if all_tiny and chosen else released
   for t, c in chosen.items():
     config.model[t] = c
-  vocab = shards.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in shards.remaining else -1
-  config.model.llm = llm_from_args(args, config.model.llm, vocab)
+  config.model.llm = llm_from_args(args, config.model.llm, stored_vocab(shards))
   try:
     cfg.validate(config)
   except SphinxError as error:
@@ -426,11 +430,13 @@ def _pop_prefix(flat, prefix):
 
 
 # --------------------------------------------------------------------------------------------- import
-def import_accessory(src, scan_layers: bool | None = None, progress: bool = True):
+def import_accessory(src, scan_layers: bool | None = None, progress: bool = True, config=None):
   """(params nested dict, resolved config, tokenizer path) of a LLaMA2-Accessory SPHINX directory.
 
   Leaves are numpy arrays in the stored dtype (bf16), still backed by the memory-mapped shards where the
-  transform is a view; `scan_layers` None keeps the preset's layout.
+  transform is a view; `scan_layers` None keeps the preset's layout. `config` (a full config whose towers have
+  a geometry no preset has, e.g. released widths at a few layers for tools/accessory_acceptance.py) replaces
+  the preset the tensors would pick; its decoder still comes from config.json, and every tensor must fit it.
   """
   directory = Path(src)
   if not directory.is_dir():
@@ -442,7 +448,12 @@ def import_accessory(src, scan_layers: bool | None = None, progress: bool = True
   if not tokenizer.is_file():
     raise SphinxError(f"{tokenizer}: missing; a LLaMA2-Accessory checkpoint directory carries its tokenizer.")
   shards = AccessoryShards(directory, args["moe"]["num_experts"] if "moe" in args else None)
-  config = resolve_config(variant, args, shards)
+  if config is None:
+    config = resolve_config(variant, args, shards)
+  else:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.llm = llm_from_args(args, config.model.llm, stored_vocab(shards))
+    cfg.validate(config)
   if scan_layers is not None:
     config.model.llm.scan_layers = scan_layers
   check_shapes(shards, config.model, directory)
