@@ -4,7 +4,8 @@ round-trip"), through tools/accessory_acceptance.py: the original model with eve
 tensor back bit for bit, logits within 1e-4.
 
 The original code is not on PyPI: set ACCESSORY_SRC to a directory holding its `accessory/` package (`git archive
-HEAD accessory` of Alpha-VLLM/LLaMA2-Accessory) and install fairscale. Each case runs the tool in its own
+HEAD accessory` of Alpha-VLLM/LLaMA2-Accessory) and `pip install --no-deps fairscale==0.4.13` (an sdist; kept out
+of setup.sh since CI cannot fetch the original anyway). Each case runs the tool in its own
 process, because the tool patches the tower constructors (open_clip, timm, torch.hub) to build few layers.
 """
 import json
