@@ -21,7 +21,6 @@ of a part run interleaved for --iters rounds and the fastest round of each count
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 from typing import Callable
 
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 import torch
 import transformers
+from roof import gemms
 from timing import fastest, warm_up  # bench/ is the script's directory
 
 from sphinx_jax import config as cfg
@@ -47,28 +47,14 @@ CONFIGS = {
 }
 
 
-def best_time(fn, iters, warmup=1):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 # --- machine ----------------------------------------------------------------------------------------------
 
 def matmul_roof(sizes, iters):
-  """Best f32 GEMM FLOP/s of XLA and PyTorch over square sizes; returns (roof, {name: flops})."""
+  """Best f32 GEMM FLOP/s of XLA and PyTorch (bench/roof.py) over square sizes; returns (roof, {name: flops})."""
   results = {}
   for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(partial(jnp.dot, precision=jax.lax.Precision.HIGHEST))
-    results[f"xla {n}"] = 2 * n ** 3 / best_time(lambda: dot(a, a).block_until_ready(), iters)
-    t = torch.randn(n, n)
-    results[f"torch {n}"] = 2 * n ** 3 / best_time(lambda: torch.mm(t, t), iters)
+    best = fastest(gemms("float32", n), iters)
+    results.update({f"{name.split()[0]} {n}": 2 * n ** 3 / best[name][0] for name in best})
   return max(results.values()), results
 
 
@@ -88,7 +74,9 @@ def stream_contenders(mib=256) -> dict[str, tuple[Callable, int]]:
 
 def stream_bandwidth(iters, mib=256):
   """Best streaming bandwidth in bytes/s over `stream_contenders`; returns (best, {name: bytes/s})."""
-  results = {name: size / best_time(fn, iters) for name, (fn, size) in stream_contenders(mib).items()}
+  contenders = stream_contenders(mib)
+  best = fastest({name: fn for name, (fn, _) in contenders.items()}, iters)
+  results = {name: size / best[name][0] for name, (_, size) in contenders.items()}
   return max(results.values()), results
 
 

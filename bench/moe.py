@@ -10,7 +10,7 @@ Useful FLOPs of the layer (forward): 2*N*D*E (router) + 2*N*K*3*D*F (gate, up, d
 token); forward+backward counts 3x that. Every path's FLOP/s is reported on that useful-FLOP numerator, so a path
 doing extra work (dense: E/K times the expert FLOPs; XLA's CPU ragged_dot: a masked matmul over all E experts'
 weights; blocked: the padding rows) shows it as a lower fraction of the roof.
-Roof: the best of an n^3 f32 GEMM by XLA and by torch (bench/towers.py `gemms`), n = the config's `gemm`.
+Roof: the best of an n^3 f32 GEMM by XLA and by torch (bench/roof.py), n = the config's `gemm`.
 Timing (bench/timing.py): after one warm-up call each, all contenders run interleaved for --iters rounds and the
 fastest round of each counts.
 """
@@ -25,7 +25,7 @@ import torch
 import transformers
 from flax import linen as nn
 from timing import fastest  # bench/ is the script's directory
-from towers import gemms
+from roof import gemms, roof as measured_roof
 
 from sphinx_jax.models import moe
 
@@ -92,8 +92,7 @@ def main():
   fns.update(gemms("float32", c["gemm"]))
   with torch.inference_mode():
     best = fastest(fns, args.iters)
-  roof_name = min(("xla GEMM", "torch GEMM"), key=lambda k: best[k][0])
-  roof = 2 * c["gemm"] ** 3 / best[roof_name][0]
+  roof, roof_name = measured_roof(best, c["gemm"])
   flops = useful_flops(c)
   gemm = {k: 2 * c["gemm"] ** 3 / best[k][0] / 1e9 for k in ("xla GEMM", "torch GEMM")}
   print(f"roof {roof / 1e9:.1f} GFLOP/s ({roof_name} {c['gemm']}^3; xla {gemm['xla GEMM']:.1f}, torch "
