@@ -177,11 +177,17 @@ def save_model_dir(path, params, config, tokenizer=None, metadata: Mapping | Non
                    overwrite: bool = False, chunk_bytes: int | None = None, compress: bool = False) -> Path:
   """Writes a model directory (layout in the module docstring) atomically; returns its path.
 
-  Args: params, a nested dict of arrays (numpy or jax, any sharding); config, the resolved ConfigDict;
-  tokenizer, a path to a sentencepiece model or None; metadata, provenance (e.g. source path and kind);
-  chunk_bytes, the largest stored chunk (default CHUNK_BYTES); compress, zstd-compress the chunks
-  (directories written either way read alike).
+  Args: params, a nested dict of arrays (numpy or jax, any sharding), or of `StreamedLeaf`s (then written by
+  `save_streamed_model_dir`); config, the resolved ConfigDict; tokenizer, a path to a sentencepiece model or
+  None; metadata, provenance (e.g. source path and kind); chunk_bytes, the largest stored chunk (default
+  CHUNK_BYTES); compress, zstd-compress the chunks (directories written either way read alike).
   """
+  flat = flatten(params)
+  if any(isinstance(leaf, StreamedLeaf) for leaf in flat.values()):
+    if odd := [p for p, leaf in flat.items() if not isinstance(leaf, StreamedLeaf)]:
+      raise SphinxError(f"parameter tree: {odd[0]!r} is an array among streamed leaves; save one kind or the other.")
+    return save_streamed_model_dir(path, flat, config, tokenizer, metadata, overwrite,
+                                   chunk_bytes=chunk_bytes or CHUNK_BYTES, compress=compress)
   # Bounded stored chunks let streaming readers (weight mixing) take a leaf one chunk at a time.
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes or CHUNK_BYTES), params)
   checkpointer = ocp.PyTreeCheckpointer(use_compression=compress)
@@ -329,10 +335,17 @@ LOOKAHEAD = 2  # chunks a streamed write computes ahead of the one being stored:
 @dataclasses.dataclass(frozen=True)
 class StreamedLeaf:
   """A leaf produced piece by piece: `fill(region)` returns the values of `region` (a tuple of slices, one
-  storage chunk) as an array of `dtype`. A plain class, not a tuple, so that jax sees it as one leaf."""
+  storage chunk) as an array of `dtype` (other dtypes are cast). A plain class, not a tuple, so that jax sees
+  it as one leaf. `split_axes`: axes the storage chunks are cut along first (Orbax's `shard_axes`), e.g. (0,)
+  keeps every chunk of a stacked [L, ...] leaf within one layer."""
   shape: tuple[int, ...]
   dtype: np.dtype
   fill: Callable[[tuple[slice, ...]], np.ndarray]
+  split_axes: tuple[int, ...] = ()
+
+  def astype(self, dtype) -> "StreamedLeaf":
+    """The same leaf written as `dtype` (cast chunk by chunk), so dtype conversions work on streamed trees."""
+    return dataclasses.replace(self, dtype=np.dtype(dtype))
 
 
 def chunk_regions(shape, chunk) -> Iterator[tuple[slice, ...]]:
@@ -369,8 +382,9 @@ class _StreamedLeafHandler(ocp.type_handlers.NumpyHandler):
       # so the kernel writes back while the next chunks are computed (mix wall time 6-7 s -> 4.5 s at 0.8 GB).
       context = context or ts.Context({"file_io_sync": False}, parent=info.ts_context)
       stores.append((leaf, await ts.open(ts.Spec(spec), create=True, open=True, context=context)))
+    # A 0-d leaf (CLIP's logit_scale) has no chunk grid: one region, ().
     jobs = ((leaf, store, region) for leaf, store in stores
-            for region in chunk_regions(leaf.shape, store.chunk_layout.write_chunk.shape))
+            for region in chunk_regions(leaf.shape, store.chunk_layout.write_chunk.shape if leaf.shape else ()))
     await _write_chunks(jobs, self.lookahead)
 
 
@@ -418,7 +432,7 @@ def save_streamed_model_dir(path, leaves: Mapping[str, StreamedLeaf], config, to
                                                             (StreamedLeaf, _StreamedLeafHandler(lookahead)))
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
   tree = unflatten(dict(leaves))
-  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
+  save_args = jax.tree.map(lambda leaf: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=leaf.split_axes), tree)
 
   def write(dst):
     with ocp.Checkpointer(handler) as checkpointer, _quiet_about(SphinxError):

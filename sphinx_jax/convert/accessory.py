@@ -32,15 +32,25 @@ they are read off the tensors: each tower's geometry (widths, depths, MLP sizes,
 must equal that of the variant's released towers or of its tiny CPU twin (`tiny_<variant>`), which also
 supplies what shapes cannot tell (head counts). Anything else is refused, naming the key.
 
-Streaming: shards are memory-mapped (convert/torch_io.py) and merged key by key; imported leaves stay views of
-the mapped files where no copy is needed (mp 1, unscanned decoder). Export writes one rank's file at a time, so
-host memory holds the source tree, the towers' re-laid tensors (their converters return whole dicts), one shard
-being written and one tensor in flight; decoder tensors are views, expert matrices are computed when written.
+Streaming: shards are memory-mapped (convert/torch_io.py). The import first plans every leaf as a `LazyLeaf`:
+its source keys are claimed and shape-checked, the towers' tensors are views of the mapped files (replicas
+compared on the way), decoder tensors are merged only when their layer is needed, and scanned leaves stay lists
+of per-layer pieces until written. `import_accessory` then builds the whole tree in memory (leaves stay views of
+the mapped files where no copy is needed); `stream_accessory` hands the leaves to checkpoint.py's chunked writer
+(`convert --from accessory --to orbax`), which computes one layer of one leaf at a time and stores it chunk by
+chunk, while the shards' resident pages are dropped every RELEASE_BYTES read (they are clean file pages, read
+again if needed), so host memory holds about one leaf's source pages plus a few layers rather than the tree.
+Export writes one rank's file at a time, so host memory holds the source tree, the towers' re-laid tensors
+(their converters return whole dicts), one shard being written and one tensor in flight; decoder tensors are
+views, expert matrices are computed when written.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -61,6 +71,8 @@ COLUMN = re.compile(r"^(layers\.\d+\.attention\.w[qkv]\.weight|layers\.\d+\.feed
                     r"output\.weight)$")
 ROW = re.compile(r"^(layers\.\d+\.attention\.wo\.weight|layers\.\d+\.feed_forward\.w2\.weight|tok_embeddings\.weight)$")
 EXPERTS = re.compile(r"^layers\.\d+\.feed_forward\.w[123]$")
+RELEASE_BYTES = 256 << 20  # shard bytes read between two drops of the shards' resident pages
+KEEP_LAYERS = checkpoint.LOOKAHEAD + 1  # computed layers a streamed leaf holds: what the chunks in flight need
 
 _LLAMA_ARGS = dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=None, vocab_size=-1, multiple_of=256,
                    ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000, max_batch_size=32, max_seq_len=2048,
@@ -92,24 +104,38 @@ def shard_axis(key: str):
   return None
 
 
+def check_parts(key: str, specs: list, experts: int | None, files: list) -> None:
+  """Refuses per-rank parts [(shape, dtype)] of `key` that cannot merge: different dtypes, split parts that do
+  not fit together, replicas of different shapes. Shapes only, so the streamed import checks before writing."""
+  (shape0, dtype0), axis = specs[0], shard_axis(key)
+  for (shape, dtype), file in zip(specs[1:], files[1:]):
+    if np.dtype(dtype) != np.dtype(dtype0):
+      raise SphinxError(f"{file}: {PREFIX}{key} is {np.dtype(dtype)}, its part in {files[0]} {np.dtype(dtype0)}; "
+                        "the shards come from different checkpoints, use one consistent set.")
+    if axis is None and tuple(shape) != tuple(shape0):
+      raise SphinxError(f"{file}: replicated tensor {PREFIX}{key} differs from its copy in {files[0]}; the shards "
+                        "come from different checkpoints, use one consistent set.")
+  if axis == "experts":
+    fits = all(len(s) == 2 and s[0] % experts == 0 and s[1] == shape0[1] for s, _ in specs)
+  else:
+    fits = axis is None or all(len(s) == len(shape0) and all(n == m for i, (n, m) in enumerate(zip(s, shape0))
+                                                             if i != axis) for s, _ in specs)
+  if not fits:
+    raise SphinxError(f"{files[0]}: shards of {PREFIX}{key} do not fit together (shapes "
+                      f"{[list(s) for s, _ in specs]}); the shards come from different checkpoints.")
+
+
 def merge_shards(key: str, parts: list, experts: int | None, files: list) -> np.ndarray:
   """One merged tensor from its per-rank parts (rank order); `files` name the shards for errors."""
-  for part, file in zip(parts[1:], files[1:]):
-    if part.dtype != parts[0].dtype:
-      raise SphinxError(f"{file}: {PREFIX}{key} is {part.dtype}, its part in {files[0]} {parts[0].dtype}; the shards "
-                        "come from different checkpoints, use one consistent set.")
+  check_parts(key, [(p.shape, p.dtype) for p in parts], experts, files)
   axis = shard_axis(key)
+  if axis == "experts":
+    merged = np.concatenate([p.reshape(experts, -1, p.shape[-1]) for p in parts], axis=1)
+    return merged.reshape(-1, parts[0].shape[-1])
   if axis is not None:
-    try:
-      if axis == "experts":
-        merged = np.concatenate([p.reshape(experts, -1, p.shape[-1]) for p in parts], axis=1)
-        return merged.reshape(-1, parts[0].shape[-1])
-      return np.concatenate(parts, axis=axis)
-    except ValueError:
-      raise SphinxError(f"{files[0]}: shards of {PREFIX}{key} do not fit together (shapes "
-                        f"{[list(p.shape) for p in parts]}); the shards come from different checkpoints.") from None
+    return np.concatenate(parts, axis=axis)
   for part, file in zip(parts[1:], files[1:]):
-    if part.shape != parts[0].shape or not np.array_equal(_bits(part), _bits(parts[0])):
+    if not np.array_equal(_bits(part), _bits(parts[0])):
       raise SphinxError(f"{file}: replicated tensor {PREFIX}{key} differs from its copy in {files[0]}; the shards "
                         "come from different checkpoints, use one consistent set.")
   return parts[0]
@@ -150,7 +176,9 @@ def split_tensor(key: str, full, mp: int, experts: int | None) -> list:
 # ----------------------------------------------------------------------------------------------- reading
 class AccessoryShards(Mapping):
   """The merged, unprefixed state of a checkpoint directory, read one tensor at a time from memory-mapped
-  shards. Each key may be read once (`remaining` then shows what no converter placed); `bar` ticks per read."""
+  shards. Each key may be claimed once (`remaining` then shows what no converter placed); `bar` ticks per read.
+  Reading may run in several threads (the streamed writer's); every RELEASE_BYTES read, the shards' resident
+  pages are dropped, so that mapped pages do not pile up in the process's memory."""
 
   def __init__(self, directory: Path, experts: int | None, bar=None):
     self.directory, self.experts, self.bar = directory, experts, bar
@@ -168,6 +196,9 @@ class AccessoryShards(Mapping):
                           "not a LLaMA2-Accessory MetaModel checkpoint.")
     self._keys = [k[len(PREFIX):] for k in keys]
     self.remaining = set(self._keys)
+    self._lock, self._unreleased = threading.Lock(), 0
+    if bar is not None:
+      bar.total = len(self._keys)
 
   def __iter__(self):
     return iter(self._keys)
@@ -187,15 +218,112 @@ class AccessoryShards(Mapping):
     axis = 0 if axis == "experts" else axis
     return tuple(sum(s[axis] for s in shapes) if i == axis else n for i, n in enumerate(shapes[0]))
 
-  def __getitem__(self, key) -> np.ndarray:
+  def dtype(self, key) -> np.dtype:
+    """Stored dtype (of rank 0; `read` refuses shards that disagree), from the header."""
+    return np.dtype(self.files[0].spec(PREFIX + key)[1])
+
+  def claim(self, key) -> None:
+    """Marks `key` as placed; a key claimed twice, or absent, or whose parts cannot merge is an error naming it."""
     if key not in self.remaining:
       what = "was already used" if key in self._keys else "is missing"
       raise SphinxError(f"{self.directory}: tensor {PREFIX}{key} {what}; the checkpoint does not match its "
                         "meta.json/config.json variant.")
+    check_parts(key, [f.spec(PREFIX + key) for f in self.files], self.experts, [f.path for f in self.files])
     self.remaining.discard(key)
+
+  def read(self, key) -> np.ndarray:
+    """The merged tensor of `key` (replicas compared bit for bit); a view of rank 0's file when replicated."""
+    parts = [f.read(PREFIX + key) for f in self.files]
+    merged = merge_shards(key, parts, self.experts, [f.path for f in self.files])
+    self.touched(sum(p.nbytes for p in parts))
     if self.bar is not None:
-      self.bar.update(1)
-    return merge_shards(key, [f.read(PREFIX + key) for f in self.files], self.experts, [f.path for f in self.files])
+      with self._lock:
+        self.bar.update(1)
+        if self.bar.n == len(self._keys):  # the streamed import's last read happens inside the writer
+          self.bar.close()
+    return merged
+
+  def __getitem__(self, key) -> np.ndarray:
+    self.claim(key)
+    return self.read(key)
+
+  def touched(self, nbytes: int) -> None:
+    """Counts mapped bytes read; past RELEASE_BYTES the shards' resident pages are dropped."""
+    with self._lock:
+      self._unreleased += nbytes
+      if self._unreleased < RELEASE_BYTES:
+        return
+      self._unreleased = 0
+    for f in self.files:
+      f.release()
+
+
+class LazyLeaf:
+  """One leaf of the imported tree, computed from the shards only when asked for.
+
+  `parts`: one callable per stacked layer (one for an unstacked leaf), each returning that layer in our layout
+  (a view of the mapped shards or a merged copy); `shape` is the whole leaf's ([L, ...] when `stacked`).
+  `materialize()` gives the whole leaf; `streamed()` a checkpoint.StreamedLeaf whose storage chunks stay within
+  one layer, so each layer is computed once for all its chunks; at most KEEP_LAYERS computed layers are held,
+  and the leaf lets go of everything after its last chunk. `touched(nbytes)` is told what each layer read.
+  """
+
+  def __init__(self, parts, shape, dtype, stacked: bool, touched: Callable[[int], None]):
+    self.parts, self.shape, self.dtype, self.stacked = list(parts), tuple(shape), np.dtype(dtype), stacked
+    self.touched = touched
+    self._lock = threading.Lock()
+    self._layers: dict[int, concurrent.futures.Future] = {}  # oldest first
+    self._left = int(np.prod(self.shape))  # elements not yet handed to the writer
+
+  def materialize(self) -> np.ndarray:
+    if self.stacked:
+      return np.stack([part() for part in self.parts])
+    return self.parts[0]()
+
+  def streamed(self) -> checkpoint.StreamedLeaf:
+    return checkpoint.StreamedLeaf(self.shape, self.dtype, self.fill, split_axes=(0,) if self.stacked else ())
+
+  def fill(self, region: tuple[slice, ...]) -> np.ndarray:
+    """A fresh array of `region` (the writer may keep it); region[0] spans one layer of a stacked leaf."""
+    if self.stacked:
+      chunk = np.stack([self._layer(i)[region[1:]] for i in range(*region[0].indices(self.shape[0]))])
+    else:
+      chunk = np.array(self._layer(0)[region])
+    with self._lock:
+      self._left -= chunk.size
+      if self._left == 0:
+        self._layers.clear()
+        self.parts = None  # also frees the towers' per-layer arrays
+    return chunk
+
+  def _layer(self, i: int) -> np.ndarray:
+    """Part i, computed by the first thread that asks; the others wait for it."""
+    with self._lock:
+      future = self._layers.get(i)
+      mine = future is None
+      if mine:
+        future = self._layers[i] = concurrent.futures.Future()
+        while len(self._layers) > KEEP_LAYERS:
+          del self._layers[next(iter(self._layers))]
+    if mine:
+      try:
+        array = self.parts[i]()
+        self.touched(array.nbytes)
+        future.set_result(array)
+      except BaseException as error:
+        future.set_exception(error)
+    return future.result()
+
+
+def given(array, touched) -> LazyLeaf:
+  """A LazyLeaf over an array the converters already built (a view of the shards, or a small derived table)."""
+  return LazyLeaf([lambda: array], np.shape(array), array.dtype, False, touched)
+
+
+def given_stack(arrays: list, touched) -> LazyLeaf:
+  """The towers' `stack`: a stacked LazyLeaf over per-layer arrays, stacked only chunk by chunk."""
+  return LazyLeaf([functools.partial(lambda a: a, a) for a in arrays], (len(arrays), *np.shape(arrays[0])),
+                  arrays[0].dtype, True, touched)
 
 
 def shard_paths(directory: Path) -> list[Path]:
@@ -403,12 +531,13 @@ TOWERS = {"qformer": ("qformer.", blip2), "clip": ("clip.", clip), "convnext": (
           "dinov2": ("dinov2_vitg14.", dinov2)}
 
 
-def towers_to_ours(state: Mapping, model) -> dict:
-  """Flat `towers/{t}/…` and `extras/{t}/…` leaves from the merged state, through the per-tower converters."""
+def towers_to_ours(state: Mapping, model, stack: Callable = np.stack) -> dict:
+  """Flat `towers/{t}/…` and `extras/{t}/…` leaves from the merged state, through the per-tower converters;
+  `stack` builds their scanned leaves from per-layer arrays."""
   flat = {}
   for tower in model.towers:
     prefix, converter = TOWERS[tower]
-    params, extras = converter.to_ours(state, model[tower], prefix=prefix)
+    params, extras = converter.to_ours(state, model[tower], prefix=prefix, stack=stack)
     flat.update({f"towers/{tower}/{p}": v for p, v in checkpoint.flatten(params).items()})
     flat.update({f"extras/{tower}/{p}": v for p, v in checkpoint.flatten(extras).items()})
   return flat
@@ -430,13 +559,45 @@ def _pop_prefix(flat, prefix):
 
 
 # --------------------------------------------------------------------------------------------- import
-def import_accessory(src, scan_layers: bool | None = None, progress: bool = True, config=None):
-  """(params nested dict, resolved config, tokenizer path) of a LLaMA2-Accessory SPHINX directory.
+def _stand_in(shape):  # zero-stride array: transforms give their output shape without touching memory
+  return np.broadcast_to(np.zeros((), np.float32), shape)
 
-  Leaves are numpy arrays in the stored dtype (bf16), still backed by the memory-mapped shards where the
-  transform is a view; `scan_layers` None keeps the preset's layout. `config` (a full config whose towers have
-  a geometry no preset has, e.g. released widths at a few layers for tools/accessory_acceptance.py) replaces
-  the preset the tensors would pick; its decoder still comes from config.json, and every tensor must fit it.
+
+def _read_as(shards: AccessoryShards, key: str, to: Callable, experts) -> np.ndarray:
+  return to(shards.read(key), experts)
+
+
+def decoder_leaves(shards: AccessoryShards, model) -> dict[str, LazyLeaf]:
+  """Lazy `llm/…` and `fusion/…` leaves (accessory_llm.sources): keys are claimed now, merged when needed."""
+  experts = accessory_llm.experts(model.llm)
+  leaves = {}
+  for path, (keys, to, stacked) in accessory_llm.sources(model).items():
+    for key in keys:
+      shards.claim(key)
+    shape = to(_stand_in(shards.shape(keys[0])), experts).shape
+    if shard_axis(keys[0]) is None:  # replicated (views): compared now, so that bad shards fail before writing
+      parts = [functools.partial(lambda a: a, _read_as(shards, key, to, experts)) for key in keys]
+    else:
+      parts = [functools.partial(_read_as, shards, key, to, experts) for key in keys]
+    leaves[path] = LazyLeaf(parts, (len(keys), *shape) if stacked else shape, shards.dtype(keys[0]), stacked,
+                            shards.touched)
+  return leaves
+
+
+def tower_leaves(shards: AccessoryShards, model) -> dict[str, LazyLeaf]:
+  """Lazy `towers/…` and `extras/…` leaves: the converters run now, on views of the mapped shards."""
+  flat = towers_to_ours(shards, model, functools.partial(given_stack, touched=shards.touched))
+  return {p: v if isinstance(v, LazyLeaf) else given(v, shards.touched) for p, v in flat.items()}
+
+
+def plan_import(src, scan_layers: bool | None = None, config=None, bar=None):
+  """({flat path: LazyLeaf}, resolved config, tokenizer path) of a LLaMA2-Accessory SPHINX directory.
+
+  Every check (files, config, shapes, replicas of the towers, no leftover tensor) runs here; what remains for
+  the leaves is reading and merging the decoder's tensors and copying. `scan_layers` None keeps the preset's
+  layout. `config` (a full config whose towers have a geometry no preset has, e.g. released widths at a few
+  layers for tools/accessory_acceptance.py) replaces the preset the tensors would pick; its decoder still comes
+  from config.json, and every tensor must fit it. `bar` (tqdm) ticks per tensor read.
   """
   directory = Path(src)
   if not directory.is_dir():
@@ -447,7 +608,7 @@ def import_accessory(src, scan_layers: bool | None = None, progress: bool = True
   tokenizer = directory / "tokenizer.model"
   if not tokenizer.is_file():
     raise SphinxError(f"{tokenizer}: missing; a LLaMA2-Accessory checkpoint directory carries its tokenizer.")
-  shards = AccessoryShards(directory, args["moe"]["num_experts"] if "moe" in args else None)
+  shards = AccessoryShards(directory, args["moe"]["num_experts"] if "moe" in args else None, bar)
   if config is None:
     config = resolve_config(variant, args, shards)
   else:
@@ -457,15 +618,40 @@ def import_accessory(src, scan_layers: bool | None = None, progress: bool = True
   if scan_layers is not None:
     config.model.llm.scan_layers = scan_layers
   check_shapes(shards, config.model, directory)
-  with tqdm(total=len(shards), unit="tensor", desc=f"reading {directory.name}", disable=not progress) as bar:
-    shards.bar = bar
-    flat = accessory_llm.to_ours(shards.__getitem__, config.model, np.stack)
-    flat.update(towers_to_ours(shards, config.model))
+  leaves = decoder_leaves(shards, config.model)
+  leaves.update(tower_leaves(shards, config.model))
   if shards.remaining:
     left = sorted(shards.remaining)
     raise SphinxError(f"{directory}: no place for {len(left)} tensor(s) such as {PREFIX}{left[0]}; the checkpoint "
                       f"holds more than a {llama_type} model.")
-  return checkpoint.unflatten(flat), config, tokenizer
+  return leaves, config, tokenizer
+
+
+def _bar(src, progress: bool):
+  return tqdm(total=None, unit="tensor", desc=f"reading {Path(src).name}", disable=not progress)
+
+
+def import_accessory(src, scan_layers: bool | None = None, progress: bool = True, config=None):
+  """(params nested dict, resolved config, tokenizer path) of a LLaMA2-Accessory SPHINX directory (arguments
+  as `plan_import`). Leaves are numpy arrays in the stored dtype (bf16), still backed by the memory-mapped
+  shards where the transform is a view."""
+  with _bar(src, progress) as bar:
+    leaves, config, tokenizer = plan_import(src, scan_layers, config, bar)
+    params = {path: leaf.materialize() for path, leaf in leaves.items()}
+  return checkpoint.unflatten(params), config, tokenizer
+
+
+def stream_accessory(src, scan_layers: bool | None = None, progress: bool = True, config=None):
+  """({flat path: checkpoint.StreamedLeaf}, resolved config, tokenizer path): `plan_import`'s leaves for
+  checkpoint.save_model_dir, which reads, merges, stacks and writes them one layer at a time. The progress bar
+  (tensors read) advances while the writer runs."""
+  bar = _bar(src, progress)
+  try:
+    leaves, config, tokenizer = plan_import(src, scan_layers, config, bar)
+  except BaseException:
+    bar.close()
+    raise
+  return {path: leaf.streamed() for path, leaf in leaves.items()}, config, tokenizer
 
 
 # --------------------------------------------------------------------------------------------- export

@@ -156,24 +156,26 @@ def expected_shapes(model) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _experts(llm):
-  return llm.moe.num_experts if llm.get("moe") else None
+def sources(model) -> dict[str, tuple[tuple[str, ...], Callable, bool]]:
+  """Our flat `llm/…` + `fusion/…` path -> (merged accessory keys, to-ours transform, stacked), in file order.
 
-
-def to_ours(take: Callable[[str], object], model, stack: Callable) -> dict:
-  """Our flat `llm/…` + `fusion/…` tree; `take(key)` hands over (and consumes) one merged accessory tensor.
-
-  `stack(list)` stacks per-layer arrays when model.llm.scan_layers (leading [L]); otherwise `llm/layers_{i}/…`.
+  A stacked leaf (model.llm.scan_layers: `llm/layers/…`, leading [L]) lists one key per layer; every other leaf
+  (also `llm/layers_{i}/…` when unscanned) one key. The transform takes (array, experts).
   """
-  llm, experts = model.llm, _experts(model.llm)
-  flat = {ours: to(take(key), experts) for ours, (key, to, _) in {**LLM_TOP, **heads_map(model.towers)}.items()}
+  llm = model.llm
+  out = {ours: ((key,), to, False) for ours, (key, to, _) in {**LLM_TOP, **heads_map(model.towers)}.items()}
   for sub, (key, to, _) in layer_map(llm).items():
-    per_layer = [to(take(f"layers.{i}.{key}"), experts) for i in range(llm.n_layers)]
+    keys = tuple(f"layers.{i}.{key}" for i in range(llm.n_layers))
     if llm.scan_layers:
-      flat[f"llm/layers/{sub}"] = stack(per_layer)
+      out[f"llm/layers/{sub}"] = (keys, to, True)
     else:
-      flat.update({f"llm/layers_{i}/{sub}": w for i, w in enumerate(per_layer)})
-  return flat
+      out.update({f"llm/layers_{i}/{sub}": ((k,), to, False) for i, k in enumerate(keys)})
+  return out
+
+
+def experts(llm) -> int | None:
+  """Experts per MoE layer (the expert-row merge rule needs it), None for a dense decoder."""
+  return llm.moe.num_experts if llm.get("moe") else None
 
 
 def to_accessory(flat: dict, model) -> Iterator[tuple[str, object]]:

@@ -20,7 +20,7 @@ Scanned trees hold qformer/groups/layer_{j}/… with a leading [layers / frequen
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -85,13 +85,14 @@ def expected_shapes(config) -> dict:
 _LAYER = re.compile(r"^layers_(\d+)/(.*)$")
 
 
-def group_layers(flat: dict, frequency: int) -> dict:
-  """`layers_{i}/x` -> `groups/layer_{i % frequency}/x` stacked over i // frequency (nn.scan's layout)."""
+def group_layers(flat: dict, frequency: int, stack: Callable = np.stack) -> dict:
+  """`layers_{i}/x` -> `groups/layer_{i % frequency}/x` stacked over i // frequency (nn.scan's layout) by
+  `stack(list)`."""
   out = {k: v for k, v in flat.items() if not _LAYER.match(k)}
   by_path: dict[str, list] = {}
   for i, sub in sorted((int(m.group(1)), m.group(2)) for k in flat if (m := _LAYER.match(k))):
     by_path.setdefault(f"groups/layer_{i % frequency}/{sub}", []).append(flat[f"layers_{i}/{sub}"])
-  out.update({path: np.stack(leaves) for path, leaves in by_path.items()})
+  out.update({path: stack(leaves) for path, leaves in by_path.items()})
   return out
 
 
@@ -109,10 +110,10 @@ def ungroup_layers(flat: dict, frequency: int) -> dict:
   return out
 
 
-def qformer_to_ours(state: Mapping, config, *, prefix: str, scan: bool) -> dict:
+def qformer_to_ours(state: Mapping, config, *, prefix: str, scan: bool, stack: Callable = np.stack) -> dict:
   """The qformer/ subtree from `Blip2QFormerModel` keys under `prefix` (checks presence and shapes only)."""
   flat = cv.take_all(state, qformer_rules(config), expected_shapes(config), prefix, WHERE)
-  return cv.unflatten(group_layers(flat, config.qformer.cross_attention_frequency) if scan else flat)
+  return cv.unflatten(group_layers(flat, config.qformer.cross_attention_frequency, stack) if scan else flat)
 
 
 def qformer_to_torch(tree, config, *, prefix: str) -> dict:
@@ -121,11 +122,13 @@ def qformer_to_torch(tree, config, *, prefix: str) -> dict:
   return cv.give_all(flat, qformer_rules(config), expected_shapes(config), prefix, WHERE)
 
 
-def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None) -> tuple[dict, dict]:
-  """(params, {}) from Blip2Model keys under `prefix`; every key there must be used. `scan` defaults to config.scan."""
+def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None,
+            stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, {}) from Blip2Model keys under `prefix`; every key there must be used. `scan` defaults to config.scan;
+  `stack` as in vit.to_ours."""
   scan = config.scan if scan is None else scan
-  vision, _ = eva.to_ours(state, config, prefix=prefix + VISION, scan=scan)
-  tree = qformer_to_ours(state, config, prefix=prefix + "qformer.", scan=scan)
+  vision, _ = eva.to_ours(state, config, prefix=prefix + VISION, scan=scan, stack=stack)
+  tree = qformer_to_ours(state, config, prefix=prefix + "qformer.", scan=scan, stack=stack)
   tokens_shape = {"query_tokens": jax.ShapeDtypeStruct((config.num_query_tokens, config.qformer.hidden), jnp.float32)}
   tokens = cv.take_all(state, [QUERY_TOKENS], tokens_shape, prefix, WHERE)
   used = ({prefix + VISION + r.key for r in eva.keymap(config).rules}

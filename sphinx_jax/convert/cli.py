@@ -162,7 +162,11 @@ def write_orbax(model: Model, dst: Path, args) -> None:
 # ------------------------------------------------------------------ LLaMA2-Accessory (convert/accessory.py)
 def read_accessory(src: Path, args) -> Model:
   from sphinx_jax.convert import accessory
-  params, config, tokenizer = accessory.import_accessory(src, scan_layers=args.scan)
+  if args.target_kind == "orbax":  # streamed: the orbax writer reads, merges and stores one layer at a time
+    leaves, config, tokenizer = accessory.stream_accessory(src, scan_layers=args.scan)
+    params = checkpoint.unflatten(leaves)
+  else:
+    params, config, tokenizer = accessory.import_accessory(src, scan_layers=args.scan)
   return Model(params, config, tokenizer, {"source": str(src.absolute()), "source_kind": "accessory"})
 
 

@@ -22,7 +22,9 @@ Scanned trees hold `blocks/…` with a leading [layers] axis instead of `blocks_
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
+
+import numpy as np
 
 from sphinx_jax.convert import vit as cv
 from sphinx_jax.models.vision import clip
@@ -69,10 +71,11 @@ def keymap(config) -> cv.KeyMap:
   return cv.KeyMap(TOP + cv.layer_rules(config.layers, BLOCK), expected, side_rules, side_expected)
 
 
-def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None) -> tuple[dict, dict]:
-  """(params, side) from an open_clip state dict; `scan` defaults to config.scan."""
+def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None,
+             stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, side) from an open_clip state dict; `scan` defaults to config.scan; `stack` as in vit.to_ours."""
   scan = config.scan if scan is None else scan
-  return cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE)
+  return cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE, stack=stack)
 
 
 def to_torch(params, side, config, *, prefix: str = "") -> dict:

@@ -19,10 +19,12 @@ Scanned trees hold `stages_{s}/blocks/…` with a leading [depth_s] axis.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from sphinx_jax.convert import vit as cv
@@ -85,14 +87,16 @@ def _per_stage(flat: dict, fn: Callable[[dict], dict], stages: int) -> dict:
   return out
 
 
-def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None) -> tuple[dict, dict]:
-  """(params, {}) from timm keys under `prefix`; every key there must be used. `scan` defaults to config.scan."""
+def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None,
+            stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, {}) from timm keys under `prefix`; every key there must be used. `scan` defaults to config.scan;
+  `stack` as in vit.to_ours."""
   scan = config.scan if scan is None else scan
   key_rules = rules(config)
   flat = cv.take_all(state, key_rules, expected_shapes(config), prefix, WHERE)
   cv.check_consumed(state, {prefix + r.key for r in key_rules}, prefix, WHERE)
   if scan:
-    flat = _per_stage(flat, cv.stack_layers, len(config.depths))
+    flat = _per_stage(flat, functools.partial(cv.stack_layers, stack=stack), len(config.depths))
   return cv.unflatten(flat), {}
 
 

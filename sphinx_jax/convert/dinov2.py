@@ -27,7 +27,7 @@ Scanned trees hold `blocks/…` with a leading [depth] axis instead of `blocks_{
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -81,10 +81,12 @@ def derive_positions(stored: np.ndarray, config) -> np.ndarray:
   return np.concatenate([table[:1], resized.reshape(small * small, -1)], axis=0)
 
 
-def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None) -> tuple[dict, dict]:
-  """(params, side) from a hub state dict; `params["position_embedding"]` is the derived table (fp32)."""
+def to_ours(state: Mapping, config, *, prefix: str = "", scan: bool | None = None,
+            stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, side) from a hub state dict; `params["position_embedding"]` is the derived table (fp32);
+  `stack` as in vit.to_ours."""
   scan = config.scan if scan is None else scan
-  params, side = cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE)
+  params, side = cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE, stack=stack)
   params["position_embedding"] = derive_positions(side["source_position_embedding"], config)
   return params, side
 

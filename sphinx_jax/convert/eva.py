@@ -19,7 +19,9 @@ The qkv bias moves whole, k part included (trainable in transformers). Scanned: 
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
+
+import numpy as np
 
 from sphinx_jax.convert import vit as cv
 from sphinx_jax.models.vision import eva
@@ -55,10 +57,12 @@ def keymap(config) -> cv.KeyMap:
   return cv.KeyMap(TOP + cv.layer_rules(config.vision.layers, BLOCK), expected, [], {})
 
 
-def to_ours(state: Mapping, config, *, prefix: str = "vision_model.", scan: bool | None = None) -> tuple[dict, dict]:
-  """(params, {}) from transformers Blip2 vision keys under `prefix`; `scan` defaults to config.scan."""
+def to_ours(state: Mapping, config, *, prefix: str = "vision_model.", scan: bool | None = None,
+             stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, {}) from transformers Blip2 vision keys under `prefix`; `scan` defaults to config.scan; `stack`
+  as in vit.to_ours."""
   scan = config.scan if scan is None else scan
-  return cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE)
+  return cv.to_ours(state, keymap(config), prefix=prefix, scan=scan, where=WHERE, stack=stack)
 
 
 def to_torch(params, side, config, *, prefix: str = "vision_model.") -> dict:

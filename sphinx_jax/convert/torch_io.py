@@ -8,9 +8,15 @@ converters stream tensor by tensor. bfloat16 travels as `ml_dtypes.bfloat16`, bi
 
 Checkpoint files are untrusted: pickles are opened only with `torch.load(weights_only=True)`, which refuses
 anything but tensors and plain containers; every failure is one `SphinxError` line naming the file.
+
+A memory-mapped pickle's pages count in the process's resident memory once read, until they are unmapped;
+`PthFile.release` drops them (a streamed import calls it as it goes, see convert/accessory.py).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -33,6 +39,7 @@ BIN_SINGLE = "pytorch_model.bin"
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 # safetensors header dtype codes -> numpy names (the vocabulary `inspect` prints).
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -116,12 +123,49 @@ def load_pth(path) -> dict[str, torch.Tensor]:
   return dict(state)
 
 
+def mapped_ranges(path) -> list[tuple[int, int]]:
+  """[(start, end)] addresses of this process's mappings of the file `path` ([] where there is no /proc)."""
+  target = str(Path(path).resolve())
+  try:
+    lines = Path("/proc/self/maps").read_text().splitlines()
+  except OSError:
+    return []
+  ranges = []
+  for line in lines:
+    fields = line.split(maxsplit=5)  # address perms offset dev inode path (a path may hold spaces)
+    if len(fields) == 6 and fields[5] == target:
+      start, end = fields[0].split("-")
+      ranges.append((int(start, 16), int(end, 16)))
+  return ranges
+
+
+@functools.cache
+def _libc():
+  return ctypes.CDLL(None, use_errno=True)
+
+
+def drop_resident(ranges) -> None:
+  """madvise(MADV_DONTNEED) over private, never-written file mappings: their pages leave the process's
+  resident set and a later access reads the same bytes again from the page cache (or the file). Never call it
+  on memory anyone writes to: the writes would be lost."""
+  for start, end in ranges:
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED):
+      error = ctypes.get_errno()
+      raise OSError(error, f"madvise(MADV_DONTNEED) on a checkpoint mapping failed: {os.strerror(error)}")
+
+
 class PthFile:
   """One torch pickle (`.pth`, `.bin`) read through `load_pth`; tensors stay memory-mapped until `read`."""
 
   def __init__(self, path):
     self.path = Path(path)
     self._state = load_pth(self.path)
+    self._mapped = mapped_ranges(self.path)  # torch.load(mmap=True) maps the whole file, privately, read-only use
+
+  def release(self) -> None:
+    """Drops the pages of this file read so far from the process's resident memory (`drop_resident`); arrays
+    already handed out stay valid and read the same bytes. Nothing here writes to the mapping."""
+    drop_resident(self._mapped)
 
   def keys(self) -> list[str]:
     return list(self._state)

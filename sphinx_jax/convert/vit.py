@@ -115,12 +115,12 @@ def give_all(flat: dict, rules: list[Rule], expected: dict, prefix: str, where: 
 _LAYER = re.compile(r"^blocks_(\d+)/(.*)$")
 
 
-def stack_layers(flat: dict) -> dict:
-  """`blocks_{i}/x` -> `blocks/x` stacked on a leading [depth] axis (nn.scan's layout)."""
+def stack_layers(flat: dict, stack: Callable = np.stack) -> dict:
+  """`blocks_{i}/x` -> `blocks/x` stacked on a leading [depth] axis (nn.scan's layout) by `stack(list)`."""
   out = {k: v for k, v in flat.items() if not _LAYER.match(k)}
   subs = sorted({_LAYER.match(k).group(2) for k in flat if _LAYER.match(k)})
   depth = 1 + max((int(_LAYER.match(k).group(1)) for k in flat if _LAYER.match(k)), default=-1)
-  out.update({f"blocks/{sub}": np.stack([flat[f"blocks_{i}/{sub}"] for i in range(depth)]) for sub in subs})
+  out.update({f"blocks/{sub}": stack([flat[f"blocks_{i}/{sub}"] for i in range(depth)]) for sub in subs})
   return out
 
 
@@ -155,12 +155,14 @@ def unscanned(config):
   return config
 
 
-def to_ours(state: Mapping, keymap: KeyMap, *, prefix: str, scan: bool, where: str) -> tuple[dict, dict]:
-  """(params, side) nested trees from torch `state`; every key under `prefix` must be consumed."""
+def to_ours(state: Mapping, keymap: KeyMap, *, prefix: str, scan: bool, where: str,
+            stack: Callable = np.stack) -> tuple[dict, dict]:
+  """(params, side) nested trees from torch `state`; every key under `prefix` must be consumed. `stack` builds
+  each scanned leaf from its per-layer arrays (convert/accessory.py passes a lazy one to stream the import)."""
   flat = take_all(state, keymap.rules, keymap.expected, prefix, where)
   side = take_all(state, keymap.side_rules, keymap.side_expected, prefix, where)
   check_consumed(state, {prefix + r.key for r in keymap.rules + keymap.side_rules}, prefix, where)
-  return unflatten(stack_layers(flat) if scan else flat), unflatten(side)
+  return unflatten(stack_layers(flat, stack) if scan else flat), unflatten(side)
 
 
 def to_torch(params, side, keymap: KeyMap, *, prefix: str, where: str) -> dict:
