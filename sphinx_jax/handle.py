@@ -7,6 +7,12 @@ models/sphinx.py `Sphinx` (the image block, when given, sits between BOS and the
 output). `images`: float[B, S, S, 3] CLIP-normalised or uint8[B, S, S, 3] pixels, S = config.model.image_size.
 One jitted function serves every call (XLA compiles once per input shape).
 
+Layout: the handle holds ONE copy of the decoder, unscanned ('llm/layers_0/...'), the layout inference runs
+(inference/generate.py `decoding_config`: a scanned decode step slices every layer's weights and KV cache out
+of the stacked arrays). A scanned checkpoint is split at load time, and `.config.model.llm.scan_layers` is
+False, so `.params` and `.config` always describe each other; scoring, chat, `generate`, the CLIs and
+`sphinx-jax eval` all run that one tree.
+
 Chat and generation (inference/generate.py, SPHINX.md §9): `.chat(image, question, history=[(q, a), ...],
 **sampling) -> str` renders the conversation template and returns the reply (what the original's
 `generate_response` does); `.generate(images, prompts, **sampling) -> list[str]` runs a batch of raw prompts.
@@ -25,7 +31,9 @@ from sphinx_jax import checkpoint
 from sphinx_jax.data import conversation, image as image_data
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
+from sphinx_jax.inference.generate import Generator, decode_params, decoding_config
 from sphinx_jax.models import sphinx as sphinx_model
+from sphinx_jax.models.llama import unstack_layers
 
 MODEL_PARTS = ("llm", "towers", "fusion")  # other top-level keys (accessory `extras`) are kept for export only
 CHAT_DEFAULTS = dict(max_new_tokens=512, temperature=0.1, top_p=0.5, seed=0)  # `generate_response` defaults
@@ -35,12 +43,15 @@ class Sphinx:
   """A loaded model: parameters, config, tokenizer, and scoring."""
 
   def __init__(self, params, config, tokenizer_path=None, source: str = "<memory>"):
-    self.params = params
+    """`params` in either decoder layout (scanned ones are unstacked, a copy; `load` splits them in place)."""
+    config = config.copy_and_resolve_references()
+    config.model = decoding_config(config.model)
+    model = sphinx_model.Sphinx(config.model)
+    self.params = decode_params(model, params)
     self.config = config
     self.source = source
     self.tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path)
     self.tokenizer = None if tokenizer_path is None else Tokenizer.from_file(tokenizer_path)
-    model = sphinx_model.Sphinx(config.model)
 
     def logits(params, tokens, images):
       return model.apply({"params": params}, tokens, images).astype(jnp.float32)
@@ -81,14 +92,14 @@ class Sphinx:
 
   @property
   def generator(self):
-    """The inference/generate.py Generator for these params (built once; its programs compile per bucket)."""
+    """The inference/generate.py Generator over the handle's (unscanned) params, built once; its programs
+    compile per bucket."""
     if self.tokenizer is None:
       raise SphinxError(f"{self.source}: no tokenizer.model in this checkpoint; generation needs one "
                         "(convert or mix from a directory that has it).")
     if self._generator is None:
-      from sphinx_jax.inference.generate import Generator
       params = {k: v for k, v in self.params.items() if k in MODEL_PARTS}
-      self._generator = Generator(self._model, params, self.tokenizer)
+      self._generator = Generator(self._model, params, self.tokenizer)  # same arrays: no second copy
     return self._generator
 
   def pixels(self, image) -> np.ndarray:
@@ -122,6 +133,9 @@ def load(path, shardings=None) -> Sphinx:
   """Loads a model directory; `shardings` (a pytree of Shardings like the params) restores onto a mesh,
   otherwise the parameters go to the default device."""
   params, config, tokenizer = checkpoint.load_model_dir(path, shardings)
+  llm = config.model.llm
+  if llm.scan_layers:  # host arrays split into views; restored device arrays leaf by leaf, freeing the stack
+    params = dict(params, llm=unstack_layers(params["llm"], llm.n_layers, consume=True))
   if shardings is None:
     params = jax.device_put(params)
   return Sphinx(params, config, tokenizer, source=str(path))

@@ -45,11 +45,29 @@ def direct_logits(params, config, tokens):
   return Llama(config.model.llm).apply({"params": params["llm"]}, tokens, positions=positions)[0]
 
 
+def unscanned(config):
+  """The config the handle reports: the checkpoint's, with the decoder unscanned."""
+  config = config.copy_and_resolve_references()
+  config.model.llm.scan_layers = False
+  return config
+
+
+def assert_layers_split(held, stacked, n_layers):
+  """held['layers_i'] holds slice i of every stacked leaf, and nothing else is left of the stack."""
+  assert "layers" not in held and sorted(k for k in held if k.startswith("layers_")) == [
+      f"layers_{i}" for i in range(n_layers)]
+  for i in range(n_layers):
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, np.asarray(b)[i]),
+                 jax.device_get(held[f"layers_{i}"]), stacked["layers"])
+  rest = {k: v for k, v in stacked.items() if k != "layers"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get({k: held[k] for k in rest}), rest)
+
+
 def test_load_gives_params_config_tokenizer_and_logits(model_dir):
   path, params, config = model_dir
   handle = sphinx_jax.load(path)
-  assert handle.config == config
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(handle.params), params)
+  assert config.model.llm.scan_layers and handle.config == unscanned(config)
+  assert_layers_split(handle.params["llm"], params["llm"], config.model.llm.n_layers)
   assert handle.tokenizer_path == path / "tokenizer.model"
   assert handle.tokenizer.n_words == VOCAB and handle.tokenizer.bos_id == 1
   logits = handle.logits(TOKENS)
@@ -57,6 +75,30 @@ def test_load_gives_params_config_tokenizer_and_logits(model_dir):
   np.testing.assert_allclose(logits, direct_logits(params, config, TOKENS), rtol=1e-6, atol=1e-6)
   # Causal and aligned: a prefix scores the same as the start of the longer sequence.
   np.testing.assert_allclose(handle.logits(TOKENS[:, :3]), logits[:, :3], rtol=1e-5, atol=1e-5)
+
+
+def live_bytes(exclude=frozenset()):
+  return sum(a.nbytes for a in jax.live_arrays() if id(a) not in exclude)
+
+
+def test_handle_holds_one_copy_of_the_decoder_and_generates_with_it(model_dir):
+  path, params, config = model_dir
+  before = {id(a) for a in jax.live_arrays()}
+  handle = sphinx_jax.load(path)
+  ids = handle.generator.generate_ids([[1, 7, 99]], max_new_tokens=3)
+  # Device memory: exactly one copy of the parameters stays alive after loading and decoding (no stacked
+  # checkpoint copy beside the unscanned one, no generator-side copy).
+  param_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
+  assert live_bytes(before) == param_bytes
+  generator = handle.generator
+  assert not generator.model.config.llm.scan_layers
+  held = jax.tree.leaves(handle.params["llm"])
+  assert all(a is b for a, b in zip(jax.tree.leaves(generator.params["llm"]), held))
+  # what it decodes is the greedy continuation under the handle's own scoring
+  tokens = [1, 7, 99]
+  for _ in range(3):
+    tokens.append(int(np.argmax(handle.logits(np.array([tokens], np.int32))[0, -1])))
+  assert ids == [tokens[3:]]
 
 
 def test_logits_compile_once_per_shape(model_dir):
@@ -125,8 +167,12 @@ def test_load_onto_a_mesh(model_dir):
   boxed = jax.eval_shape(lambda: Llama(config.model.llm).init(jax.random.key(0), tokens, positions=tokens))
   shardings = {"llm": nn.meta.unbox(sharding.param_shardings(boxed, mesh, sharding.rules_from_config(config)))[
       "params"]}
+  before = {id(a) for a in jax.live_arrays()}
   handle = sphinx_jax.load(path, shardings=shardings)
-  query = handle.params["llm"]["layers"]["attention"]["query"]["kernel"]
-  assert isinstance(query.sharding, NamedSharding) and query.sharding.spec == P(None, "fsdp", "tensor")
-  assert len({s.device for s in query.addressable_shards}) == 8
+  assert live_bytes(before) == sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))  # one copy stays
+  for i in range(config.model.llm.n_layers):  # each layer keeps the restored sharding, minus the layer axis
+    query = handle.params["llm"][f"layers_{i}"]["attention"]["query"]["kernel"]
+    assert isinstance(query.sharding, NamedSharding) and query.sharding.spec == P("fsdp", "tensor")
+    assert len({s.device for s in query.addressable_shards}) == 8
+  assert_layers_split(handle.params["llm"], params["llm"], config.model.llm.n_layers)
   np.testing.assert_allclose(handle.logits(TOKENS), direct_logits(params, config, TOKENS), rtol=1e-5, atol=1e-5)

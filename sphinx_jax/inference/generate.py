@@ -179,6 +179,14 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
 
 
 # ---------------------------------------------------------------------------------------------- layouts
+def decoding_config(model_config):
+  """A copy of `model_config` (config.model) with the decoder unscanned, the layout inference runs: a scan
+  slices every layer's weights (and, stacked, the whole KV cache) out of the [L, ...] stack at each step."""
+  config = model_config.copy_and_resolve_references()
+  config.llm.scan_layers = False
+  return config
+
+
 def decode_params(model: Sphinx, params):
   """`params` in `model`'s decoder layout: a scanned `llm` tree ('layers/...' with a leading [L] axis) is unstacked
   when the model's decoder is unscanned; anything else is returned as is."""
@@ -190,13 +198,9 @@ def decode_params(model: Sphinx, params):
 
 def for_decoding(model: Sphinx, params):
   """The same model with its decoder's layers unscanned, and its params in that layout (a copy of the decoder
-  weights). The faster layout for single-token steps: a scan slices every layer's weights out of the [L, ...]
-  stack at each step (bench/decoder.py measures both)."""
-  if not model.config.llm.scan_layers:
-    return model, params
-  config = model.config.copy_and_resolve_references()
-  config.llm.scan_layers = False
-  model = model.clone(config=config)
+  weights when they were scanned). bench/decoder.py measures both layouts."""
+  if model.config.llm.scan_layers:
+    model = model.clone(config=decoding_config(model.config))
   return model, decode_params(model, params)
 
 
@@ -260,12 +264,13 @@ class Generator:
   prompt for a CLI. `traces` counts how often a jitted function was traced (once per shape bucket).
   `tokenizer` None: id-list prompts, no stop strings, no EOS (`generate_ids` only). `unscan_layers`: decode
   with the unscanned layout (`for_decoding`); params assigned later (training evaluation) are unstacked too,
-  and the caller may drop its scanned copy to save the memory of the decoder weights.
+  and the caller may drop its scanned copy to save the memory of the decoder weights. Params that are already
+  unscanned ('layers_0/...', what `sphinx_jax.load` holds) always decode unscanned, without a copy.
   """
 
   def __init__(self, model: Sphinx, params, tokenizer=None, *, buckets: Sequence[int] = BUCKETS,
                max_seq_len: int | None = None, unscan_layers: bool = False):
-    if unscan_layers:
+    if unscan_layers or "layers" not in params["llm"]:  # unscanned params (a loaded handle's) decode as they are
       model, params = for_decoding(model, params)
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.buckets = tuple(buckets)

@@ -216,13 +216,31 @@ class Llama(nn.Module):
                         index=index + positions.shape[1])
 
 
-def unstack_layers(params, n_layers: int):
+def _split_leaf(stacked, n_layers: int, consume: bool) -> list:
+  """[L, ...] -> L arrays [...]; a leaf sharded over a mesh keeps its spec without the leading axis."""
+  sharding = getattr(stacked, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    layer = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    pieces = [jax.device_put(stacked[i], layer) for i in range(n_layers)]
+  else:
+    pieces = [stacked[i] for i in range(n_layers)]
+  if consume and isinstance(stacked, jax.Array):
+    jax.block_until_ready(pieces)
+    stacked.delete()
+  return pieces
+
+
+def unstack_layers(params, n_layers: int, consume: bool = False):
   """Scanned tree ('layers/...' with a leading [L] axis) -> unscanned ('layers_0/...', ...), same values.
 
   Decoding often runs faster unscanned: a scan slices every layer's weights out of the stack each step.
+  consume: delete each stacked device array once it is split, so that the peak holds one extra leaf rather
+  than a second copy of the decoder (only for a tree nobody else holds, e.g. one just restored).
   """
+  leaves, treedef = jax.tree.flatten(params["layers"])
+  split = [_split_leaf(leaf, n_layers, consume) for leaf in leaves]
   out = {k: v for k, v in params.items() if k != "layers"}
-  out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n_layers)})
+  out.update({f"layers_{i}": jax.tree.unflatten(treedef, [pieces[i] for pieces in split]) for i in range(n_layers)})
   return out
 
 
