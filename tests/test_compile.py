@@ -128,7 +128,7 @@ def test_tiny_moe_compile_over_expert_and_fsdp_axes():
   c = tiny_config()
   c.model = get_config("tiny_sphinx_moe").model
   c.mesh.update(data=1, fsdp=2, tensor=1, expert=2)
-  sizes = param_sizes(c.model)  # with the default 'grouped' dispatch: expert_parallel needs the mesh
+  sizes = param_sizes(c.model)  # with the default 'auto' dispatch ('blocked' here): expert_parallel needs the mesh
   c.model.llm.moe.dispatch = "expert_parallel"  # shard_map + all_to_all lowered for TPU
   report = aot.run(c, "v5p-8", steps=("train",))
   train = report.steps[0]
@@ -210,10 +210,11 @@ def test_sphinx_1k_stage2_fits(topology, hbm_gib, weight_shards):
   assert train.peak < hbm_gib * GIB
 
 
-@pytest.mark.heavy  # ~10 min of CPU for the full-size compile; run on demand: pytest -m heavy
-def test_sphinx_moe_stage2_fits_on_v5p_128_with_expert_parallelism():
+@pytest.mark.heavy  # ~10 min of CPU per full-size compile; run on demand: pytest -m heavy
+@pytest.mark.parametrize("variant", ["sphinx_moe", "sphinx_moe_1k"])  # 1 view (291 image positions) and 5 (1455)
+def test_sphinx_moe_stage2_fits_on_v5p_128_with_expert_parallelism(variant):
   from configs.topologies import get_config as preset
-  c = preset("sphinx_moe@v5p-128")
+  c = preset(f"{variant}@v5p-128")
   assert c.model.llm.moe.dispatch == "expert_parallel"
   report = aot.run(c, "v5p-128", steps=("train",))
   train = report.steps[0]

@@ -117,7 +117,7 @@ def test_params_from_hf_names_bad_expert_tensors(reference, edit, named):
 
 def test_bad_dispatch_is_rejected_by_validate():
   config = presets.get_config("tiny_sphinx_moe")
-  assert config.model.llm.moe.dispatch == "grouped"
+  assert config.model.llm.moe.dispatch == "auto"
   config.model.llm.moe.dispatch = "sparse"
   with pytest.raises(SphinxError, match=r"model\.llm\.moe\.dispatch"):
     cfg.validate(config)
@@ -171,15 +171,71 @@ def test_padded_layout_example():
 
 
 def test_blocked_dispatch_with_several_blocks_per_expert_equals_dense():
-  """Block 3 on 14 tokens x 2 copies over 4 experts: groups span several blocks, with padding between them."""
+  """Block 3 on 14 tokens x 2 copies over 4 experts: groups span several blocks, with padding between them; the
+  jitted outputs and the gradients wrt x, the routing weights and every expert weight match the dense path."""
   x, params = layer_inputs(seed=2)
   flat = x.reshape(-1, 16)
   _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
-  args = (flat, weights, experts, params["gate"], params["up"], params["down"])
   counts = np.bincount(np.asarray(experts).ravel(), minlength=EXPERTS)
   assert (counts[:3] > 3).all() and (counts % 3 != 0).any()  # several blocks, and a partly filled one
-  np.testing.assert_allclose(np.asarray(moe.blocked_dispatch(*args, block=3)), np.asarray(moe.dense_dispatch(*args)),
+  args = (flat, weights, params["gate"], params["up"], params["down"])
+  probe = jnp.cos(jnp.arange(flat.size).reshape(flat.shape))
+
+  def run(dispatch):
+    f = lambda x, w, g, u, d: jnp.sum(dispatch(x, w, g, u, d, experts) * probe)  # noqa: E731
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
+
+  blocked = lambda x, w, g, u, d, e: moe.blocked_dispatch(x, w, e, g, u, d, block=3)  # noqa: E731
+  dense = lambda x, w, g, u, d, e: moe.dense_dispatch(x, w, e, g, u, d)  # noqa: E731
+  (dense_y, dense_g), (blocked_y, blocked_g) = run(dense), run(blocked)
+  np.testing.assert_allclose(float(blocked_y), float(dense_y), rtol=0, atol=1e-5)
+  for name, got, expected in zip(("x", "weights", "gate", "up", "down"), blocked_g, dense_g):
+    assert np.abs(np.asarray(expected)).max() > 1e-3, name
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(np.asarray(jax.jit(blocked)(*args, experts)), np.asarray(dense(*args, experts)),
                              rtol=0, atol=1e-5)
+
+
+def test_blocked_dispatch_of_one_token_uses_small_blocks_and_equals_dense():
+  """Decoding: 1 token x 2 copies get 8-row blocks (not 256), and the result is still the dense one."""
+  assert (moe.block_rows(2, 8), moe.block_rows(4096, 8), moe.block_rows(65, 8)) == (8, 256, 16)
+  x, params = layer_inputs(seed=5)
+  flat = x.reshape(-1, 16)[:1]
+  _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
+  args = (flat, weights, experts, params["gate"], params["up"], params["down"])
+  np.testing.assert_allclose(np.asarray(jax.jit(moe.blocked_dispatch)(*args)), np.asarray(moe.dense_dispatch(*args)),
+                             rtol=0, atol=1e-5)
+
+
+def test_block_matmul_does_owned_blocks_with_their_expert_and_leaves_the_rest_zero():
+  """3 experts owning blocks [0], [] and [1, 2] of a 5-block buffer (block 2): blocks 3, 4 are nobody's."""
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((3, 4, 5)).astype(np.float32)
+  first, counts = jnp.array([0, 1, 1]), jnp.array([1, 0, 2])
+  y = np.asarray(jax.jit(moe.block_matmul, static_argnums=4)(x, w, first, counts, 2))
+  np.testing.assert_allclose(y[:2], x[:2] @ w[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(y[2:6], x[2:6] @ w[2], rtol=1e-6, atol=1e-6)
+  assert not y[6:].any()
+  dy = rng.standard_normal((10, 5)).astype(np.float32)
+  dx, dw = jax.vjp(lambda a, b: moe.block_matmul(a, b, first, counts, 2), x, w)[1](dy)
+  np.testing.assert_allclose(np.asarray(dx[:6]), np.concatenate([dy[:2] @ w[0].T, dy[2:6] @ w[2].T]), atol=1e-5)
+  assert not np.asarray(dx[6:]).any() and not np.asarray(dw[1]).any()  # unowned rows, an expert with no block
+  np.testing.assert_allclose(np.asarray(dw[0]), x[:2].T @ dy[:2], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw[2]), x[2:6].T @ dy[2:6], atol=1e-5)
+
+
+def test_blocked_dispatch_never_materialises_per_block_weights():
+  """The program (forward and backward) holds no [blocks, ...] stack of expert weights: each expert's weights are
+  sliced once (the earlier version gathered [blocks, D, F] per projection, ~1.8 GB per forward at mid size)."""
+  x, params = layer_inputs(seed=2)
+  flat = x.reshape(-1, 16)
+  _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
+  f = lambda g, u, d: jnp.sum(moe.blocked_dispatch(flat, weights, experts, g, u, d, block=3))  # noqa: E731
+  hlo = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(params["gate"], params["up"], params["down"]).compile().as_text()
+  blocks = -(-14 * 2 // 3) + EXPERTS
+  assert "while" in hlo
+  for shape in (f"f32[{blocks},16,24]", f"f32[{blocks},24,16]"):
+    assert shape not in hlo, shape
 
 
 def test_grouped_dispatch_matches_a_per_token_loop():
@@ -375,6 +431,23 @@ def test_expert_parallel_pads_a_token_count_that_does_not_split():
   with jax.set_mesh(mesh_of(EP_MESHES[0])):
     got = jax.jit(moe_layer("expert_parallel").apply)({"params": params}, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
+
+
+def test_auto_dispatch_follows_the_mesh_and_the_platform():
+  assert moe.pick_dispatch() == "blocked"  # no mesh, CPU backend
+  with jax.set_mesh(mesh_of(dict(data=8, fsdp=1, tensor=1, expert=1))):
+    assert moe.pick_dispatch() == "blocked"
+  with jax.set_mesh(mesh_of(EP_MESHES[0])):
+    assert moe.pick_dispatch() == "expert_parallel"
+    x, params = ep_inputs()
+    hlo = jax.jit(moe_layer("auto").apply).lower({"params": params}, x).compile().as_text()
+  assert "all-to-all" in hlo  # the layer really takes the resolved path
+  pytest.importorskip("libtpu")
+  from sphinx_jax import topology as topo
+  sizes = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  tpu = topo.topology_mesh(sizes, topo.describe("v5p-8"))
+  with jax.set_mesh(tpu):  # an AOT build for a TPU slice on this CPU host
+    assert moe.pick_dispatch() == "grouped"
 
 
 def test_capacity_factor_is_validated():

@@ -15,10 +15,12 @@ Dispatch (`moe.dispatch`), same math either way:
   'grouped'  the M token copies sorted by expert, three `jax.lax.ragged_dot`s over contiguous groups, unsorted
              and combined; no capacity and no dropped tokens (the original's MegaBlocks kernels drop none either).
              Under a mesh, GSPMD places the ragged matmuls (it gathers the expert-sharded weights).
-  'blocked'  the CPU-friendly grouped path: each expert's copies padded to a multiple of BLOCK_ROWS rows, one
-             batched matmul over [blocks, BLOCK_ROWS, D] with each block's expert weights gathered; no dropping
-             (at most N*K + E*(BLOCK_ROWS-1) rows). XLA's CPU `ragged_dot` is a masked dense matmul over all E
-             experts' weights (E times the work), which makes 'grouped' slower than 'dense' on CPU.
+  'blocked'  the CPU grouped path: copies sorted by expert, each expert's group padded to a multiple of
+             `block_rows` rows (no dropping; at most N*K + E*(rows-1)); a loop over the used experts slices
+             each expert's weights once, and an inner loop runs its blocks' [BLOCK_ROWS, D] matmuls
+             (`block_matmul`, with a custom VJP doing the same per-block work backwards). XLA's CPU `ragged_dot`
+             is a masked dense matmul over all E experts' weights (E times the work), which makes 'grouped'
+             slower than 'dense' on CPU.
   'expert_parallel'  explicit expert parallelism (`jax.shard_map` over the current mesh): tokens split over
              (data, fsdp, expert); each device sends its copies to the devices owning their experts with a
              `jax.lax.all_to_all` over 'expert', runs the grouped ragged matmuls on its E/P experts (F split over
@@ -26,6 +28,9 @@ Dispatch (`moe.dispatch`), same math either way:
              of C rows per (source, destination) pair: `capacity_factor` 0 (default) makes C = the source's
              M_local copies, lossless even when every copy goes to one device; f > 0 makes C =
              ceil(f * M_local / P) and drops the copies past it (their contribution is zero), as Switch/GShard.
+  'auto'     the default (`pick_dispatch`): 'expert_parallel' under a mesh whose 'expert' axis is > 1 (any
+             other path would all-gather the expert-sharded weights), else 'blocked' when the program is built
+             for CPU and 'grouped' for TPU/GPU, where XLA lowers ragged_dot to a real grouped matmul.
 Not ported: MegaBlocks/STK block-sparse kernels and the 128-row padding they need.
 """
 from __future__ import annotations
@@ -44,7 +49,7 @@ from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import layers
 
 AUX_COLLECTION = "aux_loss"
-BLOCK_ROWS = 128  # 'blocked': rows per block (padding waste <= E*(BLOCK_ROWS-1) rows; weight gather per block)
+BLOCK_ROWS = 256  # 'blocked': most rows per block (bench/moe.py: 256 beat 128 on a 2-core CPU, padding included)
 TOKEN_AXES = ("data", "fsdp", "expert")  # expert_parallel splits the flat tokens over every non-tensor axis
 
 
@@ -138,19 +143,86 @@ def padded_layout(experts, num_experts: int, block: int):
   return (jnp.cumsum(counts) - counts)[experts] * block + group_rank(experts, num_experts), counts
 
 
-def blocked_dispatch(x, weights, experts, gate, up, down, block: int = BLOCK_ROWS):
-  """CPU-friendly grouped path (module docstring): padded per-expert blocks, batched matmuls. Args as
+def _each_block(fn, x, w, first, counts, block: int, out_dim: int):
+  """out[rows of block b] = fn(x[rows of block b], w[e]) for every block b of every expert e.
+
+  Expert e owns blocks first[e] .. first[e]+counts[e]-1; blocks nobody owns stay 0. The loops run only over experts
+  with blocks and their blocks (while loops with traced bounds); w[e] is sliced once per such expert (at most one
+  pass over the weights per call), never per block.
+  Args: x float[NB*block, Din], w [E, ...], first/counts int32[E]. Returns: float[NB*block, out_dim].
+  """
+  busy = jnp.nonzero(counts, size=counts.shape[0])[0]  # experts with blocks first: the others cost nothing
+
+  def expert(i, out):
+    e = busy[i]
+    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+    def one(b, out):
+      rows = jax.lax.dynamic_slice_in_dim(x, b * block, block)
+      return jax.lax.dynamic_update_slice_in_dim(out, fn(rows, we).astype(out.dtype), b * block, 0)
+    return jax.lax.fori_loop(first[e], first[e] + counts[e], one, out)
+  return jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros((x.shape[0], out_dim), x.dtype))
+
+
+def _per_expert_outer(x, dy, first, counts, block: int):
+  """dw[e] = sum over expert e's blocks b of x_b^T dy_b: the weight gradient of `block_matmul`.
+
+  Args: x float[NB*block, Din], dy float[NB*block, Dout], first/counts int32[E]. Returns: float[E, Din, Dout].
+  """
+  def expert(e, dw):
+    def one(b, acc):
+      xb, dyb = (jax.lax.dynamic_slice_in_dim(a, b * block, block) for a in (x, dy))
+      return acc + jnp.einsum("RI,RO->IO", xb, dyb).astype(acc.dtype)
+    acc = jax.lax.fori_loop(first[e], first[e] + counts[e], one, jnp.zeros(dw.shape[1:], dw.dtype))
+    return jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0)
+  return jax.lax.fori_loop(0, first.shape[0], expert, jnp.zeros((first.shape[0], x.shape[1], dy.shape[1]), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def block_matmul(x, w, first, counts, block: int):
+  """Grouped matmul over an expert-sorted, block-padded buffer: block b of expert e is x_b @ w[e].
+
+  A custom VJP because reverse mode cannot differentiate loops with traced trip counts; the backward runs the
+  same loops (dx_b = dy_b @ w[e]^T, dw[e] = sum_b x_b^T dy_b), so it too does only the owned blocks' work.
+  Args: x float[NB*block, Din], w float[E, Din, Dout], first/counts int32[E] (`padded_layout`'s blocks).
+  Returns: float[NB*block, Dout]; rows of unowned blocks are 0.
+  """
+  return _each_block(lambda rows, we: rows @ we, x, w, first, counts, block, w.shape[2])
+
+
+def _block_matmul_fwd(x, w, first, counts, block):
+  return block_matmul(x, w, first, counts, block), (x, w, first, counts)
+
+
+def _block_matmul_bwd(block, residuals, dy):
+  x, w, first, counts = residuals
+  dx = _each_block(lambda rows, we: jnp.einsum("RO,IO->RI", rows, we), dy, w, first, counts, block, w.shape[1])
+  return dx, _per_expert_outer(x, dy, first, counts, block).astype(w.dtype), None, None
+
+
+block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def block_rows(copies: int, num_experts: int) -> int:
+  """Rows per block: BLOCK_ROWS, or for few tokens (decoding) the power of two >= the mean group size, at least 8,
+  so that a handful of copies is not padded to BLOCK_ROWS rows per expert. Example: 4096 copies over 8 experts ->
+  256; 2 copies (one token, top-2) -> 8."""
+  return min(BLOCK_ROWS, max(8, 1 << (-(-copies // num_experts) - 1).bit_length()))
+
+
+def blocked_dispatch(x, weights, experts, gate, up, down, block: int | None = None):
+  """CPU grouped path (module docstring): copies sorted into per-expert groups padded to `block` rows (default
+  `block_rows`), then per expert a loop over its blocks with that expert's weights, sliced once. Args as
   `dense_dispatch`. Returns: float[N, D]."""
   n, k = experts.shape
   e = gate.shape[0]
+  block = block or block_rows(n * k, e)
   rows, counts = padded_layout(experts.reshape(-1), e, block)
   blocks = -(-n * k // block) + e  # sum_e ceil(g_e / block) <= ceil(N*K / block) + E
+  first = jnp.cumsum(counts) - counts
   xb = jnp.zeros((blocks * block, x.shape[-1]), x.dtype).at[rows].set(jnp.repeat(x, k, axis=0))
-  xb = xb.reshape(blocks, block, -1)
-  # Expert of each block; blocks past the last group compute on zero rows that are never read.
-  owner = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts), jnp.arange(blocks), side="right"), e - 1)
-  h = jax.nn.silu(jnp.einsum("BRD,BDF->BRF", xb, gate[owner])) * jnp.einsum("BRD,BDF->BRF", xb, up[owner])
-  yb = jnp.einsum("BRF,BFD->BRD", h, down[owner]).reshape(blocks * block, -1)
+  h = jax.nn.silu(block_matmul(xb, gate, first, counts, block)) * block_matmul(xb, up, first, counts, block)
+  yb = block_matmul(h, down, first, counts, block)
   return jnp.einsum("NKD,NK->ND", yb[rows].reshape(n, k, -1), weights)
 
 
@@ -208,6 +280,16 @@ def expert_parallel_dispatch(x, weights, experts, gate, up, down, capacity_facto
   return local(x, weights, experts, gate, up, down)[:n]
 
 
+def pick_dispatch() -> str:
+  """What 'auto' means for the program being traced: by the current mesh (`jax.set_mesh`; an AOT compile for a
+  TPU slice sets a mesh of TPU devices on a CPU host) or, without one, the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+    return "expert_parallel"
+  device = None if mesh.empty else mesh.abstract_device
+  return "blocked" if (device.platform if device else jax.default_backend()) == "cpu" else "grouped"
+
+
 DISPATCH = {"dense": dense_dispatch, "grouped": grouped_dispatch, "blocked": blocked_dispatch,
             "expert_parallel": expert_parallel_dispatch}
 
@@ -225,14 +307,15 @@ class MoeFeedForward(nn.Module):
   num_experts: int
   top_k: int
   hidden: int
-  dispatch: str = "grouped"
+  dispatch: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   capacity_factor: float = 0.0  # expert_parallel only; 0 = lossless
 
   @nn.compact
   def __call__(self, x):
-    if self.dispatch not in DISPATCH:
+    name = pick_dispatch() if self.dispatch == "auto" else self.dispatch
+    if name not in DISPATCH:
       raise SphinxError(f"config.model.llm.moe.dispatch={self.dispatch!r}: unknown; use one of {MOE_DISPATCHES}.")
     b, t, d = x.shape
     e, f = self.num_experts, self.hidden
@@ -244,8 +327,8 @@ class MoeFeedForward(nn.Module):
     gate = self.param("gate", _expert_init((sh.EXPERT, sh.EMBED, sh.MLP)), (e, d, f), self.param_dtype)
     up = self.param("up", _expert_init((sh.EXPERT, sh.EMBED, sh.MLP)), (e, d, f), self.param_dtype)
     down = self.param("down", _expert_init((sh.EXPERT, sh.MLP, sh.EMBED)), (e, f, d), self.param_dtype)
-    dispatch = DISPATCH[self.dispatch]
-    if self.dispatch == "expert_parallel":
+    dispatch = DISPATCH[name]
+    if name == "expert_parallel":
       dispatch = functools.partial(dispatch, capacity_factor=self.capacity_factor)
     out = dispatch(flat.astype(self.dtype), weights.astype(self.dtype), experts,
                    gate.astype(self.dtype), up.astype(self.dtype), down.astype(self.dtype))
