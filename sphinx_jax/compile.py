@@ -235,7 +235,7 @@ def run(config, topology_name: str, *, num_slices: int = 1, steps=STEPS, mfu: fl
   if not 0 < mfu <= 1:
     raise SphinxError(f"--mfu {mfu}: give a fraction of peak in (0, 1], e.g. 0.4.")
   topology = topo.describe(topology_name, num_slices)
-  cfg.validate(config, num_devices=topology.chips // num_slices)
+  cfg.validate(config, num_devices=topology.chips // num_slices, training=True)
   mesh = topo.topology_mesh(config.mesh, topology)
   check_batch(config, mesh)
   rules = sh.rules_from_config(config)

@@ -21,7 +21,7 @@ from sphinx_jax.errors import SphinxError
 TOWER_ORDER = ("qformer", "clip", "convnext", "dinov2")  # qformer tokens first; [clip|convnext|dinov2] channels
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj", "save_qkv_mlp")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
-MOE_DISPATCHES = ("dense", "grouped", "blocked", "expert_parallel")  # models/moe.py
+MOE_DISPATCHES = ("auto", "dense", "grouped", "blocked", "expert_parallel")  # models/moe.py
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
@@ -45,12 +45,13 @@ def tinyllama_config(**overrides):
 def mixtral_config(**overrides):
   """Mixtral-8x7B (SPHINX-MoE, SPHINX.md §2.2): 8 experts, top-2, rope theta 1e6.
 
-  `moe` overrides merge into the default; `moe.dispatch` is models/moe.py's 'grouped' (sorted tokens, ragged
-  matmuls), 'dense' (every expert on every token, the reference), 'blocked' (padded expert blocks, batched
-  matmuls: the fast one on CPU) or 'expert_parallel' (all-to-all over the mesh's
+  `moe` overrides merge into the default; `moe.dispatch` is models/moe.py's 'auto' (the default: picks one of
+  the next for the platform and mesh the program is built for), 'grouped' (sorted tokens, ragged matmuls),
+  'dense' (every expert on every token, the reference), 'blocked' (padded expert blocks, per-expert loops over
+  weights read in place: the fast one on CPU) or 'expert_parallel' (all-to-all over the mesh's
   expert axis; `capacity_factor` 0 = lossless buffers, f > 0 drops copies past f x the even share).
   """
-  moe = {**dict(num_experts=8, top_k=2, load_balancing_weight=0.0, dispatch="grouped", capacity_factor=0.0),
+  moe = {**dict(num_experts=8, top_k=2, load_balancing_weight=0.0, dispatch="auto", capacity_factor=0.0),
          **overrides.pop("moe", {})}
   return llm_config(**{**dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=1e6,
                               moe=moe), **overrides})
@@ -109,9 +110,13 @@ TOWER_BUILDERS = {"clip": clip_config, "convnext": convnext_config, "dinov2": di
 
 
 def model_config(llm, towers, image_size, views, **overrides):
-  """A whole SPHINX model config: decoder, towers in use, resolution and views."""
+  """A whole SPHINX model config: decoder, towers in use, resolution and views.
+
+  train_towers: gradients flow into the towers (the original freezes them: pretrained encoders); set it with the
+  `all` trainable preset when the towers start from random weights, as in the demo.
+  """
   c = ml_collections.ConfigDict(dict(llm=llm, towers=tuple(towers), image_size=image_size, views=views,
-                                     dtype="bfloat16", param_dtype="float32"))
+                                     dtype="bfloat16", param_dtype="float32", train_towers=False))
   for name in TOWER_BUILDERS:
     c[name] = TOWER_BUILDERS[name]()
   c.update(overrides)
@@ -135,11 +140,12 @@ def dataset_config(kind, path, ratio=1.0, **fields) -> ml_collections.ConfigDict
   annotations, VQAv2 questions, text file/folder, or prepared directory ("" for synthetic). fields: image_root,
   task (coco: detection | rec | reg | pose | layout; synthetic: a world task or a tuple of them), refs (coco
   rec/reg), annotations (vqav2), split (arrayrecord), group (image | text; default text for kind text, else
-  image), seed / domain / length (synthetic: the world's seed, "flat" | "textured", records per epoch).
+  image), seed / domain / length / turns / max_objects (synthetic: the world's seed, "flat" | "textured",
+  records per epoch, questions per record, shapes per scene at most).
   """
   c = ml_collections.ConfigDict(dict(kind=kind, path=path, ratio=float(ratio), image_root=None, task=None,
                                      refs=None, annotations=None, split=None, group=None, seed=None, domain=None,
-                                     length=None))
+                                     length=None, turns=None, max_objects=None))
   c.update(fields)
   return c
 
@@ -175,8 +181,14 @@ def _check(cond, field, message):
     raise SphinxError(f"config.{field}: {message}")
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Rejects inconsistent settings before anything is traced; the message names the field at fault."""
+TOWERS_TRAINED_BY = "all"  # the train/optimizer.py preset whose patterns include towers/
+
+
+def validate(config, num_devices: int | None = None, *, training: bool = False) -> None:
+  """Rejects inconsistent settings before anything is traced; the message names the field at fault.
+
+  training: also check the train section against the model (the trainer and `sphinx-jax compile`).
+  """
   model = config.model
   llm = model.llm
   _check(llm.dim % llm.n_heads == 0, "model.llm.n_heads", f"{llm.n_heads} heads do not divide dim {llm.dim}; "
@@ -201,6 +213,10 @@ def validate(config, num_devices: int | None = None) -> None:
     needed = image_tokens(model) + 1
     _check(llm.max_seq_len >= needed, "model.llm.max_seq_len",
            f"{llm.max_seq_len} is smaller than the {needed - 1} image tokens + BOS of this variant; raise it.")
+  if training:
+    _check(bool(model.get("train_towers")) == (config.train.trainable == TOWERS_TRAINED_BY), "model.train_towers",
+           f"{model.get('train_towers')} with train.trainable={config.train.trainable!r}; the towers train only "
+           f"with both model.train_towers=True and train.trainable={TOWERS_TRAINED_BY!r}: set both or neither.")
   if num_devices is not None:
     from sphinx_jax.sharding import mesh_shape
     mesh_shape(config.mesh, num_devices)
@@ -209,7 +225,7 @@ def validate(config, num_devices: int | None = None) -> None:
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """The `train` section (SPHINX.md §8 defaults of the fine-tuning recipe; steps instead of epochs).
 
-  trainable: a preset of train/optimizer.py TRAINABLE_PRESETS (stage1, stage2, mm_stage1, llm).
+  trainable: a preset of train/optimizer.py TRAINABLE_PRESETS (stage1, stage2, mm_stage1, llm, all).
   peak_flops: per-device peak FLOP/s for the MFU metric (0 = not logged).
   eval_at_start: with eval_every, also evaluate the untrained model before step 1 of a fresh run (the baseline).
   export_to: when set, the final params are also written there as a model directory (train/export.py), ready
@@ -228,7 +244,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def eval_config(**overrides) -> ml_collections.ConfigDict:
   """The `eval` section of training: held-out synthetic-world samples scored by train/evaluation.py."""
   c = ml_collections.ConfigDict(dict(tasks=("vqa", "rec"), num_samples=64, world_seed=10_000, domain="flat",
-                                     max_new_tokens=24, batch=16, num_drawn=4))
+                                     max_objects=5, max_new_tokens=24, batch=16, num_drawn=4))
   c.update(overrides)
   return c
 

@@ -19,9 +19,9 @@ def test_quick_run_reports_mfu_and_trainer_overhead(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   [r] = json.loads(out.read_text())
   assert r["config"] == "quick" and "of roof" in run.stdout and "overhead" in run.stdout
-  # Every decoder position counts: 2 rows of the demo's max_len (387), image tokens (259 without the Q-Former)
-  # included.
-  assert (r["rows"], r["positions"]) == (2, 387)
+  # Every decoder position counts: 2 rows of the demo's max_len, image tokens (259 without the Q-Former) included.
+  from configs.demo import get_config
+  assert (r["rows"], r["positions"]) == (2, get_config().data.max_len)
   for key in ("flops", "roof", "jax_s", "torch_s", "jax_mfu", "torch_mfu"):
     assert np.isfinite(r[key]) and r[key] > 0, key
   t = r["trainer"]

@@ -52,6 +52,20 @@ def test_mesh_sizes_must_divide_devices():
     cfg.validate(c, num_devices=8)
 
 
+def test_trained_towers_need_both_switches():
+  c = presets.get_config("tiny_sphinx")
+  cfg.validate(c, training=True)
+  c.train.trainable = "all"  # the preset alone would spend optimizer state on towers behind stop_gradient
+  with pytest.raises(SphinxError, match="model.train_towers"):
+    cfg.validate(c, training=True)
+  cfg.validate(c)  # inference does not care
+  c.model.train_towers = True
+  cfg.validate(c, training=True)
+  c.train.trainable = "stage2"  # the flag alone would fold unused tower gradients into the clipping norm
+  with pytest.raises(SphinxError, match="model.train_towers"):
+    cfg.validate(c, training=True)
+
+
 def test_unknown_preset_is_named():
   with pytest.raises(ValueError, match="sphinx_2k"):
     presets.get_config("sphinx_2k")

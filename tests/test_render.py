@@ -37,6 +37,13 @@ def test_box_on_wide_image():
   assert arr.shape == (100, 300, 3)
 
 
+def test_inverted_box_is_drawn_not_fatal():
+  """A malformed prediction [x2,y2,x1,y1] (seen from a half-trained model) draws the same box as the ordered one."""
+  image = Image.new("RGB", (300, 100), WHITE)
+  inverted = pixels(render.render_answer(image, "[0.60,0.55,0.20,0.40]"))
+  np.testing.assert_array_equal(inverted, pixels(render.render_answer(image, "[0.20,0.40,0.60,0.55]")))
+
+
 def test_points_and_skeleton_on_tall_image():
   image = Image.new("RGB", (100, 300), WHITE)
   answer = "<p>left shoulder</p>[0.40,0.30] <p>right shoulder</p>[0.60,0.30] [0.50,0.90,0.55,0.95]"

@@ -191,3 +191,25 @@ def test_world_source_random_access():
     source[6]
   with pytest.raises(SphinxError, match="tasks \\['ocr'\\]"):
     shapes.WorldSource(world, ("ocr",))
+
+
+def test_multi_turn_samples_extend_the_single_turn_one():
+  world = shapes.World(seed=4)
+  for i in range(12):
+    for task in ("vqa", "rec", "reg"):
+      _, one, truth1 = world.sample(i, task)
+      img, many, truth = world.sample(i, task, turns=4)
+      turns = many.conversations
+      assert turns[:2] == one.conversations and many.image == one.image
+      questions = [t["value"] for t in turns[0::2]]
+      assert len(questions) == len(set(questions)) == len(truth["turns"]) <= 4
+      assert all(t["from"] == "gpt" for t in turns[1::2])
+      if task == "vqa":  # every further answer is the scene's truth for its question
+        assert [t["answer"] for t in truth["turns"]] == [t["value"] for t in turns[1::2]]
+      else:  # distinct objects, each at most once
+        names = [t["expression"] for t in truth["turns"]]
+        assert len(names) == len(set(names)) and len(names) == min(4, len(truth["objects"]))
+  with pytest.raises(SphinxError, match="turns=0"):
+    world.sample(0, "vqa", turns=0)
+  source = shapes.WorldSource(world, ("vqa",), length=3, turns=3)
+  assert source[1] == world.sample(1, "vqa", turns=3)[1]

@@ -132,14 +132,19 @@ def hf_config_from_llm(llm) -> dict:
     raise SphinxError("config.model.llm.moe is set: a Mixtral decoder has no LlamaForCausalLM form; export the "
                       "whole model to accessory instead.")
   return dict(
-      architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-      vocab_size=llm.vocab_size, hidden_size=llm.dim, intermediate_size=cfg.ffn_hidden_dim(llm),
-      num_hidden_layers=llm.n_layers, num_attention_heads=llm.n_heads, num_key_value_heads=llm.n_kv_heads,
-      head_dim=llm.dim // llm.n_heads, rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta,
+      architectures=["LlamaForCausalLM"], model_type="llama", **decoder_fields(llm),
       rope_scaling=None if llm.rope_scaling is None else {"rope_type": "linear",
                                                            "factor": 1.0 / llm.rope_scaling},
-      max_position_embeddings=llm.max_seq_len, tie_word_embeddings=False, attention_bias=False,
-      mlp_bias=False, bos_token_id=1, eos_token_id=2, pretraining_tp=1)
+      attention_bias=False, mlp_bias=False, pretraining_tp=1)
+
+
+def decoder_fields(llm) -> dict:
+  """The config.json fields LlamaConfig and MixtralConfig share, from our llm config."""
+  return dict(
+      hidden_act="silu", vocab_size=llm.vocab_size, hidden_size=llm.dim, intermediate_size=cfg.ffn_hidden_dim(llm),
+      num_hidden_layers=llm.n_layers, num_attention_heads=llm.n_heads, num_key_value_heads=llm.n_kv_heads,
+      head_dim=llm.dim // llm.n_heads, rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta,
+      max_position_embeddings=llm.max_seq_len, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
 # --- parameters --------------------------------------------------------------------------------------------

@@ -122,14 +122,10 @@ def hf_config_from_llm(llm) -> dict:
     raise SphinxError(f"config.model.llm.rope_scaling={llm.rope_scaling}: MixtralConfig has no rope scaling; "
                       "export a model trained without it.")
   return dict(
-      architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_act="silu",
-      vocab_size=llm.vocab_size, hidden_size=llm.dim, intermediate_size=cfg.ffn_hidden_dim(llm),
-      num_hidden_layers=llm.n_layers, num_attention_heads=llm.n_heads, num_key_value_heads=llm.n_kv_heads,
-      head_dim=llm.dim // llm.n_heads, rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta,
-      max_position_embeddings=llm.max_seq_len, tie_word_embeddings=False, sliding_window=None,
+      architectures=["MixtralForCausalLM"], model_type="mixtral", **hf.decoder_fields(llm), sliding_window=None,
       num_local_experts=llm.moe.num_experts, num_experts_per_tok=llm.moe.top_k, router_jitter_noise=0.0,
       output_router_logits=llm.moe.load_balancing_weight > 0,
-      router_aux_loss_coef=llm.moe.load_balancing_weight / llm.moe.top_k, bos_token_id=1, eos_token_id=2)
+      router_aux_loss_coef=llm.moe.load_balancing_weight / llm.moe.top_k)
 
 
 # --- parameters --------------------------------------------------------------------------------------------

@@ -90,12 +90,12 @@ def _size(rng, lo, hi, aspect=None):
   return w, h
 
 
-def shapes_scene(rng, lo, hi):
-  """-> ((W, H), [Shape]): 1-5 shapes, distinct (colour, shape) pairs, boxes at least 4 px apart."""
+def shapes_scene(rng, lo, hi, max_objects=5):
+  """-> ((W, H), [Shape]): 1-max_objects shapes, distinct (colour, shape) pairs, boxes at least 4 px apart."""
   size = _size(rng, lo, hi)
   w, h = size
   pairs = [(s, c) for s in SHAPES for c in COLORS]
-  picks = rng.choice(len(pairs), size=int(rng.integers(1, 6)), replace=False)
+  picks = rng.choice(len(pairs), size=int(rng.integers(1, max_objects + 1)), replace=False)
   placed = []
   for p in picks:
     for _ in range(30):  # rejection sampling; a shape that finds no room is left out
@@ -313,14 +313,18 @@ class World:
   """A seeded source of (image, Record, truth) for every task; pure function of (seed, domain, index, task).
 
   sizes: (lo, hi) side range in pixels; each image's W and H are drawn from it (documents are portrait).
+  max_objects: shapes per shapes scene are 1..max_objects (fewer make an easier world).
   """
 
-  def __init__(self, seed: int = 0, domain: str = "flat", sizes: tuple[int, int] = (160, 288)):
+  def __init__(self, seed: int = 0, domain: str = "flat", sizes: tuple[int, int] = (160, 288),
+               max_objects: int = 5):
     if domain not in DOMAINS:
       raise SphinxError(f"shapes world: unknown domain {domain!r}; use one of {DOMAINS}")
     if not 64 <= sizes[0] <= sizes[1]:
       raise SphinxError(f"shapes world: sizes={sizes} must satisfy 64 <= lo <= hi")
-    self.seed, self.domain, self.sizes = int(seed), domain, tuple(sizes)
+    if not 1 <= max_objects <= len(SHAPES) * len(COLORS):
+      raise SphinxError(f"shapes world: max_objects={max_objects}; use 1..{len(SHAPES) * len(COLORS)}")
+    self.seed, self.domain, self.sizes, self.max_objects = int(seed), domain, tuple(sizes), int(max_objects)
 
   def _rng(self, index, *stream):
     return np.random.default_rng([self.seed, index, *stream])
@@ -330,7 +334,7 @@ class World:
     rng = self._rng(index, _KIND[kind])
     style = self._rng(index, _KIND[kind], 10 + DOMAINS.index(self.domain))
     if kind == "shapes":
-      size, objects = shapes_scene(rng, *self.sizes)
+      size, objects = shapes_scene(rng, *self.sizes, self.max_objects)
       img = Image.new("RGB", size, BACKGROUND)
       draw = ImageDraw.Draw(img)
       for o in objects:
@@ -353,18 +357,27 @@ class World:
       img = _texture(img, style)
     return img, size, objects
 
-  def sample(self, index: int, task: str):
+  def sample(self, index: int, task: str, turns: int = 1):
     """-> (PIL.Image, Record, truth). truth always has "size" (W, H) and "objects" (the scene's Shape /
     Person / Block list) plus, per task: vqa: question, answer, question_type; conversation: answers;
     rec, reg: expression, box; grounded_caption: phrases [(phrase, box)]; detection: class, boxes;
     pose: box, keypoints float[17, 3]; layout: blocks [(class, box)]. Boxes and points in original pixels.
+
+    turns > 1: up to that many distinct questions of the task about the scene in one multi-turn conversation
+    (the way LLaVA-style training data group the questions of an image, so one image forward serves several
+    answers); the first turn and `truth` are those of turns=1, truth["turns"] lists every turn's fields. Tasks
+    with one possible question per scene give fewer turns.
     """
     if task not in WORLD_TASKS:
       raise SphinxError(f"shapes world: no task {task!r}; use one of {WORLD_TASKS}")
+    if turns < 1:
+      raise SphinxError(f"shapes world: turns={turns}; use 1 or more")
     img, size, objects = self.scene(index, kind_of(task))
     frame = tasks.Frame(*size)
     rng = self._rng(index, 100 + WORLD_TASKS.index(task))
     qa, truth = _ask(task, rng, frame, objects)
+    if turns > 1:
+      qa, truth["turns"] = _more_turns(task, rng, frame, objects, qa, truth, turns)
     truth.update(size=size, objects=objects)
     turns = tuple({"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(qa))
     buf = io.BytesIO()
@@ -377,15 +390,16 @@ class World:
 class WorldSource:
   """The world as a random-access record source (len + getitem, what a Grain MapDataset wraps).
 
-  Item i asks tasks[i % len(tasks)] about scene i // len(tasks); `length` items in all.
+  Item i asks tasks[i % len(tasks)] about scene i // len(tasks) (`turns` questions, World.sample); `length`
+  items in all.
   """
 
-  def __init__(self, world: World, task_names: tuple = WORLD_TASKS, length: int = 10_000):
+  def __init__(self, world: World, task_names: tuple = WORLD_TASKS, length: int = 10_000, turns: int = 1):
     unknown = sorted(set(task_names) - set(WORLD_TASKS))
-    if unknown or not task_names or length < 1:
-      raise SphinxError(f"shapes source: tasks {list(task_names)} / length {length}: use tasks from {WORLD_TASKS} "
-                        f"and length >= 1")
-    self.world, self.tasks, self.length = world, tuple(task_names), int(length)
+    if unknown or not task_names or length < 1 or turns < 1:
+      raise SphinxError(f"shapes source: tasks {list(task_names)} / length {length} / turns {turns}: use tasks "
+                        f"from {WORLD_TASKS}, length >= 1 and turns >= 1")
+    self.world, self.tasks, self.length, self.turns = world, tuple(task_names), int(length), int(turns)
 
   def __len__(self) -> int:
     return self.length
@@ -394,7 +408,20 @@ class WorldSource:
     if not 0 <= index < self.length:
       raise IndexError(f"shapes source: index {index} outside [0, {self.length})")
     n = len(self.tasks)
-    return self.world.sample(index // n, self.tasks[index % n])[1]
+    return self.world.sample(index // n, self.tasks[index % n], self.turns)[1]
+
+
+def _more_turns(task, rng, frame, objects, qa, truth, turns):
+  """Appends distinct further questions of `task` (a few draws per wanted turn) -> (qa, per-turn truths)."""
+  asked, truths = {qa[0]}, [dict(truth)]
+  for _ in range(4 * turns):
+    if len(truths) == turns:
+      break
+    more, more_truth = _ask(task, rng, frame, objects)
+    if more[0] not in asked:
+      asked.add(more[0])
+      qa, truths = qa + more, truths + [more_truth]
+  return qa, truths
 
 
 def _ask(task, rng, frame, objects):

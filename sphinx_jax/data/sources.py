@@ -416,7 +416,8 @@ def open_source(name: str, cfg):
   if kind == "synthetic":  # the shapes world, generated on the fly (the demo's embedded data)
     from sphinx_jax.data import shapes
     task = cfg.task or shapes.WORLD_TASKS
-    world = shapes.World(seed=cfg.get("seed") or 0, domain=cfg.get("domain") or "flat")
+    world = shapes.World(seed=cfg.get("seed") or 0, domain=cfg.get("domain") or "flat",
+                         max_objects=cfg.get("max_objects") or 5)
     return shapes.WorldSource(world, (task,) if isinstance(task, str) else tuple(task),
-                              length=cfg.get("length") or 100_000)
+                              length=cfg.get("length") or 100_000, turns=cfg.get("turns") or 1)
   raise SphinxError(f"config.data.datasets.{name}.kind: unknown kind {kind!r}; use one of {KINDS}.")

@@ -71,8 +71,9 @@ def draw_marks(image: Image.Image, marks: list[Mark]) -> Image.Image:
       canvas.line(ends, fill=SKELETON_COLOR, width=LIMB_WIDTH)
   for i, (mark, xy) in enumerate(zip(marks, placed)):
     color = COLORS[i % len(COLORS)]
-    if len(xy) == 4:
-      canvas.rectangle(xy, outline=color, width=BOX_WIDTH)
+    if len(xy) == 4:  # an inverted box ([x2, y2, x1, y1], a malformed answer) is drawn over the same span
+      x1, y1, x2, y2 = xy
+      canvas.rectangle((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), outline=color, width=BOX_WIDTH)
     else:
       x, y = xy
       canvas.ellipse((x - POINT_RADIUS, y - POINT_RADIUS, x + POINT_RADIUS, y + POINT_RADIUS), fill=color)

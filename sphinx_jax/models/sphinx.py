@@ -213,7 +213,7 @@ class Fusion(nn.Module):
 
 
 class Sphinx(nn.Module):
-  """towers (frozen, `stop_gradient`) -> fusion -> llm. `config` is `config.model`."""
+  """towers (frozen by `stop_gradient` unless config.train_towers) -> fusion -> llm. `config` is `config.model`."""
   config: ml_collections.ConfigDict
 
   def setup(self):
@@ -233,7 +233,8 @@ class Sphinx(nn.Module):
     small, large = tower_views(model_images(images, self.config.image_size), self.config)
     b, v = small.shape[:2]
     ensemble, queries = self.towers(small.reshape(b * v, *small.shape[2:]), large.reshape(b * v, *large.shape[2:]))
-    ensemble, queries = jax.lax.stop_gradient((ensemble, queries))  # frozen towers: no gradient, no opt state
+    if not self.config.get("train_towers"):  # frozen towers: no gradient, no optimizer state
+      ensemble, queries = jax.lax.stop_gradient((ensemble, queries))
     tokens = self.fusion(ensemble, queries)
     return tokens.reshape(b, v * tokens.shape[1], tokens.shape[2])
 

@@ -9,7 +9,6 @@ and saved a checkpoint, so that job supervisors (GKE, Slurm, a shell loop) resta
 from __future__ import annotations
 
 import argparse
-import json
 
 PREEMPTED_EXIT = 143
 
@@ -45,6 +44,26 @@ def run(args) -> int:
   summary = train(config, args.workdir, stop_after=args.stop_after)
   import jax
   if jax.process_index() == 0:
-    print(json.dumps({k: summary[k] for k in ("last_step", "preempted_at", "loss", "eval", "predictions")
-                      if k in summary}, indent=1, default=str))
+    print(summary_text(summary))
   return PREEMPTED_EXIT if "preempted_at" in summary else 0
+
+
+def summary_text(summary: dict) -> str:
+  """The end-of-run report: steps, last loss, one row per evaluation metric with a column per evaluated step,
+  and where the drawn predictions and summary.json are."""
+  lines = [f"trained to step {summary['last_step']}" + (f" (preempted at {summary['preempted_at']})"
+                                                        if "preempted_at" in summary else "")
+           + (f", last logged loss {summary['loss']:.3f}" if "loss" in summary else "")]
+  evals = summary.get("eval") or {}
+  if evals:
+    steps = sorted(evals)
+    names = sorted({name for scores in evals.values() for name in scores})
+    width = max(len(n) for n in names) + 2
+    lines.append("held-out evaluation".ljust(width) + "".join(f"step {s}".rjust(10) for s in steps))
+    for name in names:
+      lines.append(name.ljust(width) + "".join(
+          (f"{evals[s][name]:.3f}" if name in evals[s] else "-").rjust(10) for s in steps))
+  if evals:
+    lines.append(f"predictions drawn in {summary['predictions']} (and TensorBoard)")
+  lines.append(f"summary: {summary['workdir']}/summary.json")
+  return "\n".join(lines)

@@ -1,7 +1,10 @@
 """Periodic evaluation during training on held-out synthetic-world samples (greedy generation).
 
 Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our synthetic tasks):
-  vqa/accuracy  GQA-style exact match of the short answer (cut at "###", lower-cased, stripped);
+  vqa/accuracy  GQA-style exact match of the short answer (cut at "###", lower-cased, stripped), also per
+                question type (vqa/accuracy/how_many, …);
+  vqa/prior_baseline  the same score for answering every question with its type's most frequent answer in
+                another sample of the world: what reading the question alone achieves, the bar image use must clear;
   rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
                 IoU >= 0.5 with the ground-truth box.
 A few predictions per task are drawn (inference/render.py) into WORKDIR/predictions/step_N/ and TensorBoard.
@@ -14,17 +17,39 @@ from pathlib import Path
 import numpy as np
 
 from sphinx_jax.data import conversation, image as image_lib, shapes
+from sphinx_jax.errors import SphinxError
 from sphinx_jax.eval import metrics
 from sphinx_jax.inference.generate import Generator
 from sphinx_jax.inference.render import render_answer
 
-METRICS = {"vqa": "accuracy", "rec": "accuracy"}
+TASKS = ("vqa", "rec")
+PRIOR_SAMPLES = 500
 
 
-def _score(task: str, answer: str, truth) -> float:
-  if task == "vqa":
-    return metrics.exact_match(answer, str(truth["answer"]))
-  return metrics.rec_correct(answer, truth["box"], *truth["size"])
+def _kind(truth) -> str:
+  return truth["question_type"].replace(" ", "_")
+
+
+def prior_answers(world: shapes.World, n: int = PRIOR_SAMPLES) -> dict[str, str]:
+  """Question type -> its most frequent answer over n VQA samples of `world` (ties: the first seen)."""
+  counts = {}
+  for i in range(n):
+    truth = world.sample(i, "vqa")[2]
+    by_answer = counts.setdefault(_kind(truth), {})
+    by_answer[truth["answer"]] = by_answer.get(truth["answer"], 0) + 1
+  return {kind: max(answers, key=answers.get) for kind, answers in counts.items()}
+
+
+def vqa_scores(answers, truths, prior: dict[str, str]) -> dict[str, float]:
+  """accuracy, accuracy per question type, and the prior-only baseline on the same questions."""
+  correct = [metrics.exact_match(a, str(t["answer"])) for a, t in zip(answers, truths)]
+  scores = {"vqa/accuracy": float(np.mean(correct)),
+            "vqa/prior_baseline": float(np.mean([prior.get(_kind(t)) == str(t["answer"]) for t in truths]))}
+  for kind in sorted({_kind(t) for t in truths}):
+    scores[f"vqa/accuracy/{kind}"] = float(np.mean([c for c, t in zip(correct, truths) if _kind(t) == kind]))
+  return scores
+
+
 
 
 class Evaluator:
@@ -33,8 +58,12 @@ class Evaluator:
   def __init__(self, config, model, tokenizer):
     self.config, self.model, self.tokenizer = config, model, tokenizer
     e = config.eval
-    world = shapes.World(seed=e.world_seed, domain=e.domain)
+    if not set(e.tasks) <= set(TASKS):
+      raise SphinxError(f"config.eval.tasks={tuple(e.tasks)}: training evaluation scores {TASKS}; drop the others.")
+    world = shapes.World(seed=e.world_seed, domain=e.domain, max_objects=e.get("max_objects") or 5)
     self.samples = {task: [world.sample(i, task) for i in range(e.num_samples)] for task in e.tasks}
+    self.prior = prior_answers(shapes.World(seed=e.world_seed + 1, domain=e.domain,
+                                            max_objects=e.get("max_objects") or 5)) if "vqa" in e.tasks else {}
     self.generator = None
 
   def run(self, params, out_dir: Path, log=None, step: int = 0) -> dict:
@@ -52,7 +81,12 @@ class Evaluator:
         images = np.stack([image_lib.load_padded(record.image, self.config.model.image_size)
                            for _, record, _ in chunk])
         answers += self.generator.generate(prompts, images, max_new_tokens=e.max_new_tokens, temperature=0.0)
-      scores[f"{task}/{METRICS[task]}"] = float(np.mean([_score(task, a, s[2]) for a, s in zip(answers, samples)]))
+      truths = [truth for _, _, truth in samples]
+      if task == "vqa":
+        scores.update(vqa_scores(answers, truths, self.prior))
+      else:
+        scores["rec/accuracy"] = float(np.mean([metrics.rec_correct(a, t["box"], *t["size"])
+                                                for a, t in zip(answers, truths)]))
       if log is not None:
         self._draw(task, samples, answers, out_dir, log, step)
     return scores

@@ -167,7 +167,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
 
   stop_after: return after this many steps of this invocation (tests use it to simulate preemption).
   """
-  cfg.validate(config, num_devices=jax.device_count())
+  cfg.validate(config, num_devices=jax.device_count(), training=True)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0

@@ -26,6 +26,7 @@ TRAINABLE_PRESETS = {
     "stage2": (r"llm/.*", r"fusion/.*"),
     "mm_stage1": (r"fusion/visual_proj/.*",),
     "llm": (r"llm/.*",),  # text-only training of the decoder
+    "all": (r"llm/.*", r"fusion/.*", r"towers/.*"),  # random-init towers (the demo); needs model.train_towers
 }
 
 

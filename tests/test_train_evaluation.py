@@ -1,0 +1,48 @@
+"""Training evaluation's VQA scores: accuracy per question type and the prior-only baseline (hand-computed)."""
+import collections
+
+import pytest
+
+from sphinx_jax.data import shapes
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.train import evaluation
+
+
+def test_vqa_scores_by_hand():
+  truths = [{"question_type": "how many", "answer": "2"}, {"question_type": "how many", "answer": "0"},
+            {"question_type": "is the", "answer": "no"}]
+  prior = {"how_many": "0", "is_the": "yes"}
+  scores = evaluation.vqa_scores(["2", "1", " No"], truths, prior)
+  assert scores == {"vqa/accuracy": pytest.approx(2 / 3), "vqa/prior_baseline": pytest.approx(1 / 3),
+                    "vqa/accuracy/how_many": 0.5, "vqa/accuracy/is_the": 1.0}
+
+
+def test_prior_answers_are_each_types_most_frequent():
+  world = shapes.World(seed=5, max_objects=3)
+  prior = evaluation.prior_answers(world, n=60)
+  counts = collections.defaultdict(collections.Counter)
+  for i in range(60):
+    truth = world.sample(i, "vqa")[2]
+    counts[truth["question_type"].replace(" ", "_")][truth["answer"]] += 1
+  assert set(prior) == set(counts)
+  for kind, answer in prior.items():
+    assert counts[kind][answer] == max(counts[kind].values())
+
+
+def test_unknown_eval_task_is_named():
+  from configs.demo import get_config
+  config = get_config()
+  config.eval.tasks = ("vqa", "pose")
+  with pytest.raises(SphinxError, match="config.eval.tasks"):
+    evaluation.Evaluator(config, None, None)
+
+
+def test_end_of_run_summary_lists_each_metric_per_step():
+  from sphinx_jax.train.cli import summary_text
+  text = summary_text({"last_step": 8, "loss": 0.5, "predictions": "w/predictions", "workdir": "w",
+                       "eval": {0: {"vqa/accuracy": 0.0}, 8: {"vqa/accuracy": 0.75, "rec/accuracy": 0.5}}})
+  lines = text.splitlines()
+  assert lines[0] == "trained to step 8, last logged loss 0.500"
+  assert lines[1].split() == ["held-out", "evaluation", "step", "0", "step", "8"]
+  assert lines[2].split() == ["rec/accuracy", "-", "0.500"] and lines[3].split() == ["vqa/accuracy", "0.000", "0.750"]
+  assert lines[-2:] == ["predictions drawn in w/predictions (and TensorBoard)", "summary: w/summary.json"]
