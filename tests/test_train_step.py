@@ -1,5 +1,7 @@
 """The jitted train step on the whole tiny SPHINX: overfitting one batch drives the loss near zero, the frozen
 towers stay bit-identical and carry no optimizer state, and a non-finite loss skips the update."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,15 +34,25 @@ def tiny_setup(steps):
   return c, mesh, batch
 
 
-@pytest.mark.slow
-def test_overfit_one_batch_with_frozen_towers():
-  c, mesh, batch = tiny_setup(steps=60)
+@contextlib.contextmanager
+def built(c, mesh):
+  """Under c's mesh and rules: (the trainer's program, fresh params)."""
   rules = sh.rules_from_config(c)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     program = loop.build(c, mesh, rules)
-    params = loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+    yield program, loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+
+
+def fresh_state(program, params):
+  return jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+
+
+@pytest.mark.slow
+def test_overfit_one_batch_with_frozen_towers():
+  c, mesh, batch = tiny_setup(steps=60)
+  with built(c, mesh) as (program, params):
     towers_before = jax.device_get(params["towers"])
-    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+    state = fresh_state(program, params)
     batch = loop.to_global(batch, program.batch_sharding)
     first = None
     for _ in range(c.train.num_steps):
@@ -59,12 +71,9 @@ def test_trained_towers_get_updates_and_optimizer_state():
   c, mesh, batch = tiny_setup(steps=1)
   c.model.train_towers, c.train.trainable = True, "all"
   cfg.validate(c, training=True)
-  rules = sh.rules_from_config(c)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = loop.build(c, mesh, rules)
-    params = loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+  with built(c, mesh) as (program, params):
     before = jax.device_get(params["towers"])
-    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+    state = fresh_state(program, params)
     state, _ = program.step(state, loop.to_global(batch, program.batch_sharding))
   moved = {name: any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(tree)),
                                                               jax.tree.leaves(before[name])))
@@ -76,12 +85,9 @@ def test_trained_towers_get_updates_and_optimizer_state():
 
 def test_non_finite_loss_skips_the_update():
   c, mesh, batch = tiny_setup(steps=2)
-  rules = sh.rules_from_config(c)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = loop.build(c, mesh, rules)
-    params = loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+  with built(c, mesh) as (program, params):
     params["fusion"]["start_img"] = jnp.full_like(params["fusion"]["start_img"], jnp.nan)
-    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+    state = fresh_state(program, params)
     before = jax.device_get(state.params["llm"])
     state, metrics = program.step(state, loop.to_global(batch, program.batch_sharding))
   assert int(metrics["skipped"]) == 1 and int(state.nonfinite_in_row) == 1 and int(state.nonfinite_total) == 1
@@ -100,17 +106,13 @@ def test_moe_load_balancing_loss_joins_the_objective():
   c = cfg.base_config(cfg.model_config(llm, (), 0, 1, dtype="float32"))
   c.train.update(warmup_steps=0, num_steps=1, trainable="llm")
   mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
-  rules = sh.rules_from_config(c)
   tokens = np.random.default_rng(0).integers(1, llm.vocab_size, (2, 12)).astype(np.int32)
   batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = loop.build(c, mesh, rules)
-    params = loop.initial_params(c, program.boxed_init, program.state_shardings.params)
+  with built(c, mesh) as (program, params):
     logits, sown = program.model.apply({"params": params}, tokens, mutable=["aux_loss"])
     balance = float(moe.load_balancing_loss(sown["aux_loss"]))
     ce, _ = loss_lib.next_token_loss(logits, tokens, batch["loss_mask"])
-    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
-    _, metrics = program.step(state, loop.to_global(batch, program.batch_sharding))
+    _, metrics = program.step(fresh_state(program, params), loop.to_global(batch, program.batch_sharding))
   assert balance > 0
   np.testing.assert_allclose(float(metrics["aux_loss"]), 0.25 * balance, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["loss"]), float(ce), rtol=1e-5)  # the reported CE
