@@ -166,14 +166,27 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+SPHINX_GRID = 16  # every released variant: 224-px views at patch 14
+
+
+def vit_grids(model) -> dict:
+  """{field: side of its patch grid} of the ViT towers feeding the fused [CLIP | ConvNeXt | DINOv2] stream."""
+  return {f"model.{t}.patch": model[t].image_size // model[t].patch for t in ("clip", "dinov2") if t in model.towers}
+
+
+def patch_grid(model) -> int:
+  """Side of the token grid the fused stream shares (ConvNeXt's map is repeated up to it): 16 in every released
+  variant; a coarser ViT patch gives fewer image tokens (the demo's patch 28: 8)."""
+  return next(iter(vit_grids(model).values()), SPHINX_GRID)
+
+
 def image_tokens(model) -> int:
   """Visual positions of the variant: 291 x views with the Q-Former (SPHINX), 259 x views without (Tiny), 0 for a
-  text-only model (no towers)."""
+  text-only model (no towers); 2 tags + queries + class token + patch_grid^2 per view."""
   if not model.towers:
     return 0
   qformer = model.qformer.num_query_tokens if "qformer" in model.towers else 0
-  grid = (model.dinov2.image_size // model.dinov2.patch) ** 2 if "dinov2" in model.towers else 256
-  return model.views * (2 + qformer + 1 + grid)
+  return model.views * (2 + qformer + 1 + patch_grid(model) ** 2)
 
 
 def _check(cond, field, message):
@@ -209,6 +222,10 @@ def validate(config, num_devices: int | None = None, *, training: bool = False) 
   unknown = [t for t in model.towers if t not in TOWER_BUILDERS]
   _check(not unknown, "model.towers", f"unknown tower(s) {unknown}; known: {sorted(TOWER_BUILDERS)}.")
   _check(model.views in (1, 5), "model.views", f"{model.views} views; SPHINX uses 1 or 5.")
+  grids = vit_grids(model)
+  _check(len(set(grids.values())) <= 1, list(grids)[-1],
+         f"the ViT towers' patch grids differ ({grids}); their tokens are concatenated channel-wise, so choose "
+         "patches giving one grid.")
   if model.towers:
     needed = image_tokens(model) + 1
     _check(llm.max_seq_len >= needed, "model.llm.max_seq_len",

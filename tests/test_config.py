@@ -33,6 +33,7 @@ def test_ffn_width_rule(name, hidden):
     ("model.llm.max_seq_len", 1000, "model.llm.max_seq_len"),
     ("model.towers", ("clip", "resnet"), "model.towers"),
     ("model.llm.remat_policy", "sometimes", "model.llm.remat_policy"),
+    ("model.dinov2.patch", 28, "model.dinov2.patch"),
 ])
 def test_validate_names_the_field(field, value, named):
   c = presets.get_config("sphinx_1k")
@@ -43,6 +44,14 @@ def test_validate_names_the_field(field, value, named):
   node[leaf] = value
   with pytest.raises(SphinxError, match=named.replace(".", r"\.")):
     cfg.validate(c)
+
+
+def test_a_coarser_patch_shrinks_every_stream_to_its_grid():
+  """Patch 28 on the 224-px views: an 8x8 grid for CLIP / DINOv2 and ConvNeXt's map, so 2 + 32 + 1 + 64 positions."""
+  c = presets.get_config("tiny_sphinx")
+  c.model.clip.patch = c.model.dinov2.patch = 28
+  cfg.validate(c)
+  assert cfg.image_tokens(c.model) == 99
 
 
 def test_mesh_sizes_must_divide_devices():

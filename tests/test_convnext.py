@@ -107,9 +107,10 @@ def test_round_trip_is_bit_exact(trunk, scan):
 
 def test_grid_tokens_repeat_and_mean_by_hand():
   """An 8x8 map of cell ids: each id covers a 2x2 patch of the 16x16 grid, row-major; the mean token is the ids'
-  mean; the same map is refused as a 512-px trunk output (that one is 16x16)."""
+  mean; the same map is refused as a 512-px trunk output (that one is 16x16); on an 8x8 token grid (a model whose
+  ViTs use patch 28) each cell is one token."""
   fmap = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
-  tokens = convnext.grid_tokens(fmap, 256)
+  tokens = convnext.grid_tokens(fmap, 256, 16)
   grid = np.asarray(tokens[0, 1:, 0]).reshape(16, 16)
   np.testing.assert_array_equal(grid[:2, :2], 0)
   np.testing.assert_array_equal(grid[14:, 14:], 63)
@@ -117,7 +118,10 @@ def test_grid_tokens_repeat_and_mean_by_hand():
   np.testing.assert_array_equal(grid[2:4, 0], 8)
   assert float(tokens[0, 0, 0]) == pytest.approx(31.5)
   with pytest.raises(SphinxError, match="512"):
-    convnext.grid_tokens(fmap, 512)
+    convnext.grid_tokens(fmap, 512, 16)
+  coarse = convnext.grid_tokens(fmap, 256, 8)
+  np.testing.assert_array_equal(np.asarray(coarse[0, 1:, 0]), np.arange(64))
+  assert float(coarse[0, 0, 0]) == pytest.approx(31.5)
 
 
 def test_frozen_stops_gradients(trunk):

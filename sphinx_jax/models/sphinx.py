@@ -28,7 +28,7 @@ import ml_collections
 from flax import linen as nn
 
 from sphinx_jax import sharding as sh
-from sphinx_jax.config import image_tokens
+from sphinx_jax.config import image_tokens, patch_grid
 from sphinx_jax.data import image as image_data
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import layers
@@ -149,7 +149,7 @@ class Towers(nn.Module):
     if "clip" in c.towers:
       self.clip = ClipVit(c.clip, **types)
     if "convnext" in c.towers:
-      self.convnext = ConvNeXt(c.convnext, half_input=convnext_half_input(c), **types)
+      self.convnext = ConvNeXt(c.convnext, half_input=convnext_half_input(c), token_grid=patch_grid(c), **types)
     if "dinov2" in c.towers:
       self.dinov2 = DinoV2(c.dinov2, **types)
     if "qformer" in c.towers:

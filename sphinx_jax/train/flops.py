@@ -17,7 +17,7 @@ scanned layer body once.
 """
 from __future__ import annotations
 
-from sphinx_jax.config import ffn_hidden_dim
+from sphinx_jax.config import ffn_hidden_dim, patch_grid
 
 def vit_flops(width: int, depth: int, mlp_dim: int, patch: int, image_size: int, swiglu: bool = False) -> float:
   """Forward FLOPs of one image through a ViT (class token + (image_size / patch)^2 patches)."""
@@ -76,9 +76,10 @@ def fused_channels(model_config) -> int:
 
 
 def fusion_flops(model_config) -> float:
-  """Forward FLOPs of the projections on one view: visual_proj on 257 tokens, qformer_proj on the queries."""
+  """Forward FLOPs of the projections on one view: visual_proj on the class + grid tokens (257 in SPHINX),
+  qformer_proj on the queries."""
   m = model_config
-  total = 2.0 * 257 * fused_channels(m) * m.llm.dim
+  total = 2.0 * (1 + patch_grid(m) ** 2) * fused_channels(m) * m.llm.dim
   if "qformer" in m.towers:
     total += 2.0 * m.qformer.num_query_tokens * m.qformer.qformer.hidden * m.llm.dim
   return total

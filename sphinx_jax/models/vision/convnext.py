@@ -28,13 +28,12 @@ import ml_collections
 from flax import linen as nn
 
 from sphinx_jax import sharding as sh
+from sphinx_jax.config import SPHINX_GRID
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import layers
 from sphinx_jax.models.vision import resize
 
 # Order: conv helpers -> Block, Stage -> ConvNeXt -> token helpers.
-
-TOKEN_GRID = 16  # SPHINX's ConvNeXt stream is always 16 x 16 tokens plus the mean token
 
 
 def _conv(features, kernel, axes, name, **types):
@@ -116,13 +115,15 @@ class ConvNeXt(nn.Module):
 
   dtype: compute dtype (bf16 for the frozen tower, fp32 for parity); param_dtype: storage.
   half_input: round the (resized) input to fp16 as the original's `.half()` does (all variants except the
-    5-view 512-px ones). frozen: stop gradients at the output.
+    5-view 512-px ones). frozen: stop gradients at the output. token_grid: side of the token grid the map is
+    repeated up to (the model's `config.patch_grid`: 16 in SPHINX).
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
   half_input: bool = True
   frozen: bool = False
+  token_grid: int = SPHINX_GRID
 
   @nn.compact
   def __call__(self, images):
@@ -137,24 +138,24 @@ class ConvNeXt(nn.Module):
     for s, (depth, width) in enumerate(zip(c.depths, c.dims)):
       x = Stage(width, depth, s > 0, c.eps, c.scan, name=f"stages_{s}", **types)(x)
     features = layers.layer_norm(c.eps, "head_norm", sh.CONV_IN, **types)(x)
-    tokens = grid_tokens(features, size)
+    tokens = grid_tokens(features, size, self.token_grid)
     if self.frozen:
       tokens = jax.lax.stop_gradient(tokens)
     return tokens, {"features": features}
 
 
-def grid_tokens(features, input_size: int):
-  """Trunk map -> SPHINX's 257 tokens: [mean, 16x16 grid row-major].
+def grid_tokens(features, input_size: int, token_grid: int):
+  """Trunk map -> SPHINX's 257 tokens: [mean, 16x16 grid row-major] (token_grid 16; `patch_grid` of the model).
 
   input_size 256: the 8x8 map has each cell repeated 2x2 (`repeat_interleave(2)` on W then H) first; the mean
   is taken over the 256 repeated tokens as the original does. Args: features float[B, g, g, C] with
-  g = input_size / 32. Returns: float[B, 257, C].
+  g = input_size / 32. Returns: float[B, 1 + token_grid^2, C].
   """
   g = features.shape[1]
-  if g * 32 != input_size or TOKEN_GRID % g:
+  if g * 32 != input_size or token_grid % g:
     raise SphinxError(f"ConvNeXt: a {g}x{g} feature map does not come from a {input_size}-px input; feed "
                       f"{input_size}x{input_size} views (or 224 for input_size 256).")
-  rep = TOKEN_GRID // g
+  rep = token_grid // g
   grid = jnp.repeat(jnp.repeat(features, rep, axis=2), rep, axis=1)
-  tokens = grid.reshape(grid.shape[0], TOKEN_GRID * TOKEN_GRID, grid.shape[-1])
+  tokens = grid.reshape(grid.shape[0], token_grid * token_grid, grid.shape[-1])
   return jnp.concatenate([jnp.mean(tokens, axis=1, keepdims=True), tokens], axis=1)

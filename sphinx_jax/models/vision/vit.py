@@ -56,6 +56,27 @@ class Spec:
   scan: bool
 
 
+def sincos_positions(key, shape, dtype=jnp.float32):
+  """Init of the [1 + g*g, D] position table: a zero class row, then per cell sin/cos of its row and its column
+  index at D/4 geometric frequencies (1 down to 1/10000), as MAE and big_vision's `sincos2d` embed ViT positions.
+
+  Why not the usual normal(0.02): a released tower's learned positions are what lets the decoder localise
+  (REC, grounding); random positions 50x below the patch embedding's scale are invisible after the first
+  LayerNorm, so a randomly initialised tower (the demo's, trained or frozen) would be position-blind.
+  Released checkpoints overwrite the table; `key` is unused (the table is deterministic).
+  """
+  del key
+  tokens, width = shape
+  grid = math.isqrt(tokens - 1)
+  if grid * grid != tokens - 1 or width % 4:
+    raise SphinxError(f"vit position table {shape}: needs 1 + a square number of rows and a width divisible by 4.")
+  freqs = 1.0 / 10000.0 ** (jnp.arange(width // 4) / (width // 4))
+  rows, cols = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
+  angles = [axis.reshape(-1, 1).astype(jnp.float32) * freqs for axis in (rows, cols)]
+  cells = jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], axis=1)
+  return jnp.concatenate([jnp.zeros((1, width)), cells], axis=0).astype(dtype)
+
+
 def renormalise(images, stats):
   """CLIP-normalised -> normalised with `stats` = (mean, std), as llama_ens.py computes it for DINOv2.
 
@@ -215,10 +236,10 @@ class VisionTransformer(nn.Module):
       raise SphinxError(f"{type(self).__name__}: a {images.shape[1]}x{images.shape[2]} image gives "
                         f"{x.shape[1] + 1} tokens but the position table has {tokens} "
                         f"(image_size {spec.image_size}); feed {spec.image_size}x{spec.image_size} views.")
-    table = lambda name, shape, axes: self.param(
-        name, layers.partitioned(nn.initializers.normal(0.02), axes), shape, self.param_dtype).astype(self.dtype)
-    cls = table("class_embedding", (spec.width,), (sh.VIT_EMBED,))
-    pos = table("position_embedding", (tokens, spec.width), (None, sh.VIT_EMBED))
+    table = lambda name, init, shape, axes: self.param(
+        name, layers.partitioned(init, axes), shape, self.param_dtype).astype(self.dtype)
+    cls = table("class_embedding", nn.initializers.normal(0.02), (spec.width,), (sh.VIT_EMBED,))
+    pos = table("position_embedding", sincos_positions, (tokens, spec.width), (None, sh.VIT_EMBED))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, spec.width)), x], axis=1) + pos
     if arch.pre_norm:
       x = layers.layer_norm(spec.eps, "pre_norm", sh.VIT_EMBED, **types)(x)
