@@ -1,25 +1,33 @@
-"""One Mixtral MoE layer (models/moe.py): the grouped (ragged_dot), blocked and dense dispatches, the previous
-blocked dispatch that gathered each block's expert weights ('gathered', kept here only as a yardstick),
-transformers' MixtralSparseMoeBlock on the same weights, and each path's FLOP/s against the machine's f32 matmul
-roof, all measured in the same run.
+"""One Mixtral MoE layer (models/moe.py): the grouped (ragged_dot), blocked and dense dispatches, two earlier
+blocked dispatches kept here only as yardsticks ('padded256': every expert's group padded to 256-row blocks;
+'gathered': the same layout with each block's expert weights gathered), transformers' MixtralSparseMoeBlock on the
+same weights (forward, and forward+backward), and each path's FLOP/s against the machine's f32 matmul roof, all
+measured in the same run.
 
-Run:  flock /tmp/sphinx_heavy.lock python bench/moe.py [--quick] [--iters 2]
-      [--dispatches grouped,blocked,gathered,dense]
+Run:  flock /tmp/sphinx_heavy.lock python bench/moe.py [--quick] [--iters 2] [--threads]
+      [--dispatches grouped,blocked,padded256,gathered,dense]
 Config M: D 1024, F 3584, 8 experts, top-2, 2048 tokens (batch 4 x 512), float32, matmuls at 'highest'.
 --quick: a small smoke config (seconds).
 
 Useful FLOPs of the layer (forward): 2*N*D*E (router) + 2*N*K*3*D*F (gate, up, down of the K chosen experts per
 token); forward+backward counts 3x that. Every path's FLOP/s is reported on that useful-FLOP numerator, so a path
 doing extra work (dense: E/K times the expert FLOPs; XLA's CPU ragged_dot: a masked matmul over all E experts'
-weights; blocked, gathered: the padding rows) shows it as a lower fraction of the roof.
+weights; blocked, padded256, gathered: the padding rows) shows it as a lower fraction of the roof.
 Roof: the best of an n^3 f32 GEMM by XLA and by torch (bench/roof.py), n = the config's `gemm`.
 Timing (bench/timing.py): after one warm-up call each, all contenders run interleaved for --iters rounds and the
 fastest round of each counts. '% roof (CPU s)' repeats the ratio on process CPU seconds (contender vs roof GEMM),
-which other jobs on a shared box disturb less than wall time.
+which other jobs on a shared box disturb less than wall time. --threads adds, per contender, the mean number of
+this process's threads that are runnable during one more call (`runnable_threads`): the parallelism it asks for,
+which other load does not change (a runnable thread waiting for a core still counts; so does a spinning one).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,7 @@ CONFIGS = {
 }
 
 
-def gathered_dispatch(x, weights, experts, gate, up, down, block=moe.BLOCK_ROWS):
+def gathered_dispatch(x, weights, experts, gate, up, down, block=256):
   """The 'blocked' dispatch before it read weights in place: the same padded layout, but every block's expert
   weights gathered into [blocks, D, F] stacks and one batched matmul per projection."""
   n, k = experts.shape
@@ -53,7 +61,35 @@ def gathered_dispatch(x, weights, experts, gate, up, down, block=moe.BLOCK_ROWS)
   return jnp.einsum("NKD,NK->ND", yb[rows].reshape(n, k, -1), weights)
 
 
-moe.DISPATCH["gathered"] = gathered_dispatch  # a bench-only contender, reachable through the layer's dispatch name
+# Bench-only contenders, reachable through the layer's dispatch name. 'padded256' is the 'blocked' dispatch before
+# chunk plans: block == granule makes every group one size of chunk, padded to a multiple of 256 rows.
+moe.DISPATCH["gathered"] = gathered_dispatch
+moe.DISPATCH["padded256"] = functools.partial(moe.blocked_dispatch, block=256, granule=256)
+
+
+def runnable_threads(fn, period: float = 5e-4) -> float:
+  """Mean number of this process's threads in state R (running or waiting for a core) while fn runs once, sampled
+  every `period` seconds from /proc by a thread that leaves itself out."""
+  counts, done = collections.Counter(), threading.Event()
+
+  def sample():
+    me = str(threading.get_native_id())
+    while not done.is_set():
+      states = []
+      for tid in os.listdir("/proc/self/task"):
+        try:
+          with open(f"/proc/self/task/{tid}/stat") as f:
+            states.append(tid != me and f.read().rsplit(")", 1)[1].split()[0] == "R")
+        except FileNotFoundError:  # the thread ended between listdir and open
+          pass
+      counts[sum(states)] += 1
+      time.sleep(period)
+  sampler = threading.Thread(target=sample)
+  sampler.start()
+  fn()
+  done.set()
+  sampler.join()
+  return sum(k * v for k, v in counts.items()) / max(1, sum(counts.values()))
 
 
 def useful_flops(c):
@@ -88,11 +124,25 @@ def torch_block(c, params):
   return block
 
 
+def torch_contenders(block, tx):
+  """{'torch fwd': inference, 'torch fwd+bwd': gradients of sum(y^2) wrt every weight and the input}."""
+  def forward():
+    with torch.inference_mode():
+      block(tx)
+
+  def forward_backward():
+    inputs = tx.clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    (block(inputs)[0] ** 2).sum().backward()
+  return {"torch fwd": forward, "torch fwd+bwd": forward_backward}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--iters", type=int, default=2)
-  parser.add_argument("--dispatches", default="grouped,blocked,gathered,dense")
+  parser.add_argument("--dispatches", default="grouped,blocked,padded256,gathered,dense")
+  parser.add_argument("--threads", action="store_true", help="also sample each contender's runnable threads")
   args = parser.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   c = CONFIGS["quick" if args.quick else "M"]
@@ -109,10 +159,10 @@ def main():
     print(f"{d}: max |ours - MixtralSparseMoeBlock| = {diff:.1e}", flush=True)
 
   fns = {name: fn for d in dispatches for name, fn in jax_contenders(c, params, x, d).items()}
-  fns["torch fwd"] = lambda: block(tx)
+  fns.update(torch_contenders(block, tx))
   fns.update(gemms("float32", c["gemm"]))
-  with torch.inference_mode():
-    best = fastest(fns, args.iters)
+  best = fastest(fns, args.iters)
+  threads = {name: runnable_threads(fn) for name, fn in fns.items()} if args.threads else {}
   roof, roof_name = measured_roof(best, c["gemm"])
   flops = useful_flops(c)
   gemm = {k: 2 * c["gemm"] ** 3 / best[k][0] / 1e9 for k in ("xla GEMM", "torch GEMM")}
@@ -120,13 +170,16 @@ def main():
         f"{gemm['torch GEMM']:.1f}); useful forward {flops / 1e9:.1f} GFLOP")
   # CPU-time efficiency: the same ratio on process CPU seconds, which a box shared with other jobs disturbs less.
   roof_cpu = 2 * c["gemm"] ** 3 / best[roof_name][1]
-  print(f"{'contender':16s} {'ms':>9s} {'GFLOP/s':>8s} {'% roof':>7s} {'% roof (CPU s)':>15s} {'vs dense':>9s}")
-  for name in [n for n in fns if "GEMM" not in n]:
+  print(f"{'contender':18s} {'ms':>9s} {'GFLOP/s':>8s} {'% roof':>7s} {'% roof (CPU s)':>15s} {'vs dense':>9s} "
+        f"{'vs torch':>9s}" + (f" {'threads':>8s}" if threads else ""))
+  for name in fns:
     seconds, cpu = best[name]
-    work = 3 * flops if name.endswith("fwd+bwd") else flops
-    dense = best.get("dense" + name[name.index(" "):], (float("nan"),))[0]
-    print(f"{name:16s} {seconds * 1e3:9.1f} {work / seconds / 1e9:8.1f} {work / seconds / roof:7.1%} "
-          f"{work / cpu / roof_cpu:15.1%} {dense / seconds:8.2f}x")
+    work = 2 * c["gemm"] ** 3 if "GEMM" in name else 3 * flops if name.endswith("fwd+bwd") else flops
+    kind = name[name.index(" "):]
+    ratios = [f"{best[who + kind][0] / seconds:8.2f}x" if who + kind in best and "GEMM" not in name else f"{'-':>9s}"
+              for who in ("dense", "torch")]
+    print(f"{name:18s} {seconds * 1e3:9.1f} {work / seconds / 1e9:8.1f} {work / seconds / roof:7.1%} "
+          f"{work / cpu / roof_cpu:15.1%} {' '.join(ratios)}" + (f" {threads[name]:8.2f}" if threads else ""))
 
 
 if __name__ == "__main__":

@@ -170,14 +170,41 @@ def test_padded_layout_example():
   np.testing.assert_array_equal(np.asarray(counts), [1, 2])
 
 
-def test_blocked_dispatch_with_several_blocks_per_expert_equals_dense():
-  """Block 3 on 14 tokens x 2 copies over 4 experts: groups span several blocks, with padding between them; the
-  jitted outputs and the gradients wrt x, the routing weights and every expert weight match the dense path."""
+def test_chunk_plan_example():
+  chunks, first = moe.chunk_plan(jnp.array([11, 2]), 4)
+  assert moe.chunk_sizes(4) == (4, 2, 1)
+  np.testing.assert_array_equal(np.asarray(chunks), [[2, 1, 1], [0, 1, 0]])
+  np.testing.assert_array_equal(np.asarray(first), [[0, 8, 10], [11, 11, 13]])
+
+
+@pytest.mark.parametrize("big", [1, 4, 16])
+def test_chunk_plan_tiles_every_group_exactly(big):
+  """Painting each chunk's granules with its expert's id reproduces the back-to-back groups: every granule of a
+  group is covered once, by its own expert, and at most one chunk per size below `big` is used."""
+  granules = np.random.default_rng(big).integers(0, 40, 9)
+  granules[3] = 0  # an expert with no rows
+  chunks, first = (np.asarray(a) for a in moe.chunk_plan(jnp.asarray(granules), big))
+  painted = np.full(granules.sum(), -1)
+  for e in range(len(granules)):
+    for size, n, at in zip(moe.chunk_sizes(big), chunks[e], first[e]):
+      for c in range(n):
+        assert (painted[at + c * size:at + (c + 1) * size] == -1).all()  # no overlap
+        painted[at + c * size:at + (c + 1) * size] = e
+  np.testing.assert_array_equal(painted, np.repeat(np.arange(len(granules)), granules))
+  assert (chunks[:, 1:] <= 1).all()
+
+
+@pytest.mark.parametrize("block, granule", [(3, None), (4, 1), (8, 2)])
+def test_blocked_dispatch_with_several_chunks_per_expert_equals_dense(block, granule):
+  """14 tokens x 2 copies over 4 experts, groups of 11, 10 and 7 copies and an empty one: with block 3 each group runs
+  as several 3-row chunks with padding; with (4, 1) and (8, 2) as big chunks plus smaller ones (4 + 2 + 1 rows for
+  7 copies; 8 + 4 rows for 11 copies in 2-row granules). The jitted
+  outputs and the gradients wrt x, the routing weights and every expert weight match the dense path."""
   x, params = layer_inputs(seed=2)
   flat = x.reshape(-1, 16)
   _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
   counts = np.bincount(np.asarray(experts).ravel(), minlength=EXPERTS)
-  assert (counts[:3] > 3).all() and (counts % 3 != 0).any()  # several blocks, and a partly filled one
+  assert (counts[:3] > 4).all() and (counts % 4 != 0).any()  # several chunks, of more than one size
   args = (flat, weights, params["gate"], params["up"], params["down"])
   probe = jnp.cos(jnp.arange(flat.size).reshape(flat.shape))
 
@@ -185,7 +212,7 @@ def test_blocked_dispatch_with_several_blocks_per_expert_equals_dense():
     f = lambda x, w, g, u, d: jnp.sum(dispatch(x, w, g, u, d, experts) * probe)  # noqa: E731
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
 
-  blocked = lambda x, w, g, u, d, e: moe.blocked_dispatch(x, w, e, g, u, d, block=3)  # noqa: E731
+  blocked = lambda x, w, g, u, d, e: moe.blocked_dispatch(x, w, e, g, u, d, block=block, granule=granule)  # noqa: E731
   dense = lambda x, w, g, u, d, e: moe.dense_dispatch(x, w, e, g, u, d)  # noqa: E731
   (dense_y, dense_g), (blocked_y, blocked_g) = run(dense), run(blocked)
   np.testing.assert_allclose(float(blocked_y), float(dense_y), rtol=0, atol=1e-5)
@@ -196,9 +223,17 @@ def test_blocked_dispatch_with_several_blocks_per_expert_equals_dense():
                              rtol=0, atol=1e-5)
 
 
+def test_blocked_dispatch_rejects_a_block_that_is_not_a_power_of_two_granules():
+  x, params = layer_inputs()
+  flat = x.reshape(-1, 16)
+  _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
+  with pytest.raises(SphinxError, match="block 6 must be a power-of-two multiple of granule 2"):
+    moe.blocked_dispatch(flat, weights, experts, params["gate"], params["up"], params["down"], block=6, granule=2)
+
+
 def test_blocked_dispatch_of_one_token_uses_small_blocks_and_equals_dense():
-  """Decoding: 1 token x 2 copies get 8-row blocks (not 256), and the result is still the dense one."""
-  assert (moe.block_rows(2, 8), moe.block_rows(4096, 8), moe.block_rows(65, 8)) == (8, 256, 16)
+  """Decoding: 1 token x 2 copies get 8-row chunks (not 512), and the result is still the dense one."""
+  assert (moe.block_rows(2, 8), moe.block_rows(4096, 8), moe.block_rows(65, 8)) == (8, 512, 16)
   x, params = layer_inputs(seed=5)
   flat = x.reshape(-1, 16)[:1]
   _, weights, experts = moe.route(flat @ params["router"]["kernel"], TOP_K)
@@ -207,21 +242,23 @@ def test_blocked_dispatch_of_one_token_uses_small_blocks_and_equals_dense():
                              rtol=0, atol=1e-5)
 
 
-def test_block_matmul_does_owned_blocks_with_their_expert_and_leaves_the_rest_zero():
-  """3 experts owning blocks [0], [] and [1, 2] of a 5-block buffer (block 2): blocks 3, 4 are nobody's."""
+def test_block_matmul_does_owned_chunks_with_their_expert_and_leaves_the_rest_zero():
+  """Granule 2, big chunks of 2 granules: experts owning [1, 0, 3] granules of a 5-granule buffer; expert 2's group
+  (rows 2..7) runs as a 4-row and a 2-row chunk; rows 8..9 are nobody's."""
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((3, 4, 5)).astype(np.float32)
-  first, counts = jnp.array([0, 1, 1]), jnp.array([1, 0, 2])
-  y = np.asarray(jax.jit(moe.block_matmul, static_argnums=4)(x, w, first, counts, 2))
+  chunks, first = moe.chunk_plan(jnp.array([1, 0, 3]), 2)
+  np.testing.assert_array_equal(np.asarray(chunks), [[0, 1], [0, 0], [1, 1]])
+  y = np.asarray(jax.jit(moe.block_matmul, static_argnums=(4, 5))(x, w, chunks, first, 2, 2))
   np.testing.assert_allclose(y[:2], x[:2] @ w[0], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(y[2:6], x[2:6] @ w[2], rtol=1e-6, atol=1e-6)
-  assert not y[6:].any()
+  np.testing.assert_allclose(y[2:8], x[2:8] @ w[2], rtol=1e-6, atol=1e-6)
+  assert not y[8:].any()
   dy = rng.standard_normal((10, 5)).astype(np.float32)
-  dx, dw = jax.vjp(lambda a, b: moe.block_matmul(a, b, first, counts, 2), x, w)[1](dy)
-  np.testing.assert_allclose(np.asarray(dx[:6]), np.concatenate([dy[:2] @ w[0].T, dy[2:6] @ w[2].T]), atol=1e-5)
-  assert not np.asarray(dx[6:]).any() and not np.asarray(dw[1]).any()  # unowned rows, an expert with no block
+  dx, dw = jax.vjp(lambda a, b: moe.block_matmul(a, b, chunks, first, 2, 2), x, w)[1](dy)
+  np.testing.assert_allclose(np.asarray(dx[:8]), np.concatenate([dy[:2] @ w[0].T, dy[2:8] @ w[2].T]), atol=1e-5)
+  assert not np.asarray(dx[8:]).any() and not np.asarray(dw[1]).any()  # unowned rows, an expert with no chunk
   np.testing.assert_allclose(np.asarray(dw[0]), x[:2].T @ dy[:2], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(dw[2]), x[2:6].T @ dy[2:6], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw[2]), x[2:8].T @ dy[2:8], atol=1e-5)
 
 
 def test_blocked_dispatch_never_materialises_per_block_weights():
@@ -253,6 +290,23 @@ def test_grouped_dispatch_matches_a_per_token_loop():
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
     expected = sum(wk * (silu(flat[n] @ gate[e]) * (flat[n] @ up[e])) @ down[e] for wk, e in zip(w, top))
     np.testing.assert_allclose(y[n], expected, rtol=0, atol=1e-5)
+
+
+def test_grouped_dispatch_in_bf16_compiles_for_tpu_at_highest_precision():
+  """XLA:TPU lowers ragged_dot to a Mosaic kernel that rejects bf16 operands at 'highest' (the precision conftest
+  sets, and the one the full-size SPHINX-MoE compile test failed on): the grouped path, also the inside of
+  expert_parallel, still compiles for a TPU slice, ahead of time on this host."""
+  pytest.importorskip("libtpu")
+  from sphinx_jax import topology as topo
+  assert jax.config.jax_default_matmul_precision == "highest"
+  mesh = topo.topology_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1)),
+                            topo.describe("v5p-8"))
+  replicated = NamedSharding(mesh, P())
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
+  args = (spec((64, 16)), spec((64, TOP_K)), spec((64, TOP_K), jnp.int32), spec((EXPERTS, 16, 24)),
+          spec((EXPERTS, 16, 24)), spec((EXPERTS, 24, 16)))
+  assert "ragged" in jax.jit(moe.grouped_dispatch).lower(*args).as_text()
+  jax.jit(moe.grouped_dispatch).lower(*args).compile()
 
 
 def numpy_balancing_loss(router_logits):

@@ -16,9 +16,11 @@ Dispatch (`moe.dispatch`), same math either way:
              and combined; no capacity and no dropped tokens (the original's MegaBlocks kernels drop none either).
              Under a mesh, GSPMD places the ragged matmuls (it gathers the expert-sharded weights).
   'blocked'  the CPU grouped path: copies sorted by expert, each expert's group padded to a multiple of
-             `block_rows` rows (no dropping; at most N*K + E*(rows-1)); a loop over the used experts slices
-             each expert's weights once, and an inner loop runs its blocks' [BLOCK_ROWS, D] matmuls
-             (`block_matmul`, with a custom VJP doing the same per-block work backwards). XLA's CPU `ragged_dot`
+             GRANULE_ROWS rows only (no dropping; at most N*K + E*(GRANULE_ROWS-1)), then cut into [BLOCK_ROWS, D]
+             chunks as often as they fit and one chunk per smaller power-of-two multiple of the granule for the
+             rest (`chunk_plan`: a 530-row group runs as 512 + 32 rows, not as 768 padded rows); a loop over the
+             used experts slices each expert's weights once, and inner loops run its chunks' matmuls
+             (`block_matmul`, with a custom VJP doing the same per-chunk work backwards). XLA's CPU `ragged_dot`
              is a masked dense matmul over all E experts' weights (E times the work), which makes 'grouped'
              slower than 'dense' on CPU.
   'expert_parallel'  explicit expert parallelism (`jax.shard_map` over the current mesh): tokens split over
@@ -49,7 +51,8 @@ from sphinx_jax.errors import SphinxError
 from sphinx_jax.models import layers
 
 AUX_COLLECTION = "aux_loss"
-BLOCK_ROWS = 256  # 'blocked': most rows per block (bench/moe.py: 256 beat 128 on a 2-core CPU, padding included)
+BLOCK_ROWS = 512  # 'blocked': rows of the big matmul chunks (bench/moe.py)
+GRANULE_ROWS = 32  # 'blocked': each expert's group is padded to a multiple of this (bench/moe.py)
 TOKEN_AXES = ("data", "fsdp", "expert")  # expert_parallel splits the flat tokens over every non-tensor axis
 
 
@@ -99,6 +102,13 @@ def dense_dispatch(x, weights, experts, gate, up, down):
   return jnp.einsum("END,NE->ND", _swiglu_dense(x, gate, up, down), gates)
 
 
+def ragged_precision(dtype):
+  """Precision of the ragged matmuls: the configured default, but DEFAULT for 16-bit operands, whose products are
+  exact at every precision. XLA:TPU lowers ragged_dot to a Mosaic kernel that rejects bf16 operands at 'highest'
+  ("Bad lhs type", libtpu 0.0.42), the precision our tests set for the whole process."""
+  return jax.lax.Precision.DEFAULT if jnp.dtype(dtype).itemsize < 4 else None
+
+
 def _grouped_swiglu(xs, ids, gate, up, down):
   """Row i of xs through expert ids[i]: rows sorted by expert, one ragged matmul per projection, unsorted.
 
@@ -108,8 +118,9 @@ def _grouped_swiglu(xs, ids, gate, up, down):
   order = jnp.argsort(ids, stable=True)  # empty slots (id E) last, outside the groups
   sizes = jnp.sum(jax.nn.one_hot(ids, gate.shape[0], dtype=jnp.int32), axis=0)
   rows = xs[order]
-  h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-  return jax.lax.ragged_dot(h, down, sizes)[jnp.argsort(order)]
+  matmul = functools.partial(jax.lax.ragged_dot, group_sizes=sizes, precision=ragged_precision(xs.dtype))
+  h = jax.nn.silu(matmul(rows, gate)) * matmul(rows, up)
+  return matmul(h, down)[jnp.argsort(order)]
 
 
 def grouped_dispatch(x, weights, experts, gate, up, down):
@@ -132,97 +143,132 @@ def group_rank(ids, num_groups: int):
   return jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)
 
 
-def padded_layout(experts, num_experts: int, block: int):
-  """The 'blocked' buffer: experts in order, each group padded to a multiple of `block` rows.
+def padded_layout(experts, num_experts: int, granule: int):
+  """The 'blocked' buffer: experts in order, each group padded to a multiple of `granule` rows.
 
-  Example (block 2, copies to experts [1, 0, 1, 1], 2 experts): expert 0 has 1 copy -> 1 block (rows 0..1),
-  expert 1 has 3 -> 2 blocks (rows 2..5); copies land on rows [2, 0, 3, 4].
-  Args: experts int32[M]. Returns: (rows int32[M], blocks per expert int32[E]).
+  Example (granule 2, copies to experts [1, 0, 1, 1], 2 experts): expert 0 has 1 copy -> 1 granule (rows 0..1),
+  expert 1 has 3 -> 2 granules (rows 2..5); copies land on rows [2, 0, 3, 4].
+  Args: experts int32[M]. Returns: (rows int32[M], granules per expert int32[E]).
   """
-  counts = -(-jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=0) // block)
-  return (jnp.cumsum(counts) - counts)[experts] * block + group_rank(experts, num_experts), counts
+  counts = -(-jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=0) // granule)
+  return (jnp.cumsum(counts) - counts)[experts] * granule + group_rank(experts, num_experts), counts
 
 
-def _each_block(fn, x, w, first, counts, block: int, out_dim: int):
-  """out[rows of block b] = fn(x[rows of block b], w[e]) for every block b of every expert e.
+def chunk_sizes(big: int) -> tuple[int, ...]:
+  """Chunk sizes in granules, largest first: big (a power of two), big/2, ..., 1. Example: 4 -> (4, 2, 1)."""
+  return tuple(big >> j for j in range(big.bit_length()))
 
-  Expert e owns blocks first[e] .. first[e]+counts[e]-1; blocks nobody owns stay 0. The loops run only over experts
-  with blocks and their blocks (while loops with traced bounds); w[e] is sliced once per such expert (at most one
-  pass over the weights per call), never per block.
-  Args: x float[NB*block, Din], w [E, ...], first/counts int32[E]. Returns: float[NB*block, out_dim].
+
+def chunk_plan(granules, big: int):
+  """How each expert's padded group is cut into matmul chunks: chunks of `big` granules as often as they fit, then
+  one chunk per set bit of the rest, so a group is padded to a granule only, and most rows go through big matmuls.
+
+  Example (big 4, groups of [11, 2] granules laid out back to back, sizes (4, 2, 1)): expert 0 takes chunks
+  [2, 1, 1] starting at granules [0, 8, 10]; expert 1 takes [0, 1, 0] starting at [11, 11, 13].
+  Args: granules int32[E] (`padded_layout`). Returns: (chunks int32[E, S], first int32[E, S]) per size of
+  `chunk_sizes(big)`: how many chunks of that size, and the granule where the first one starts.
   """
-  busy = jnp.nonzero(counts, size=counts.shape[0])[0]  # experts with blocks first: the others cost nothing
+  sizes = chunk_sizes(big)
+  chunks = jnp.stack([granules // big] + [(granules // s) % 2 for s in sizes[1:]], axis=1)
+  lengths = chunks * jnp.array(sizes, jnp.int32)
+  start = jnp.cumsum(granules) - granules
+  return chunks, start[:, None] + jnp.cumsum(lengths, axis=1) - lengths
+
+
+def _each_chunk(fn, x, w, chunks, first, big: int, granule: int, out_dim: int):
+  """out[rows of chunk c] = fn(x[rows of c], w[e]) for every chunk c of every expert e (`chunk_plan`).
+
+  Rows no chunk covers stay 0. The loops (while loops with traced bounds) run only over experts with rows and, per
+  chunk size, over that expert's chunks; w[e] is sliced once per such expert (at most one pass over the weights
+  per call), never per chunk. Args: x float[R, Din], w [E, ...], chunks/first int32[E, S]. Returns:
+  float[R, out_dim].
+  """
+  busy = jnp.nonzero(jnp.sum(chunks, axis=1), size=chunks.shape[0])[0]  # experts with rows first
 
   def expert(i, out):
     e = busy[i]
     we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    for j, size in enumerate(chunk_sizes(big)):
+      def one(c, out, j=j, rows=size * granule):
+        at = first[e, j] * granule + c * rows
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, fn(jax.lax.dynamic_slice_in_dim(x, at, rows), we).astype(out.dtype), at, 0)
+      out = jax.lax.fori_loop(0, chunks[e, j], one, out)
+    return out
+  busy_count = jnp.sum(jnp.sum(chunks, axis=1) > 0)
+  return jax.lax.fori_loop(0, busy_count, expert, jnp.zeros((x.shape[0], out_dim), x.dtype))
 
-    def one(b, out):
-      rows = jax.lax.dynamic_slice_in_dim(x, b * block, block)
-      return jax.lax.dynamic_update_slice_in_dim(out, fn(rows, we).astype(out.dtype), b * block, 0)
-    return jax.lax.fori_loop(first[e], first[e] + counts[e], one, out)
-  return jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros((x.shape[0], out_dim), x.dtype))
 
+def _per_expert_outer(x, dy, chunks, first, big: int, granule: int):
+  """dw[e] = sum over expert e's chunks c of x_c^T dy_c: the weight gradient of `block_matmul`.
 
-def _per_expert_outer(x, dy, first, counts, block: int):
-  """dw[e] = sum over expert e's blocks b of x_b^T dy_b: the weight gradient of `block_matmul`.
-
-  Args: x float[NB*block, Din], dy float[NB*block, Dout], first/counts int32[E]. Returns: float[E, Din, Dout].
+  Args: x float[R, Din], dy float[R, Dout], chunks/first int32[E, S]. Returns: float[E, Din, Dout].
   """
   def expert(e, dw):
-    def one(b, acc):
-      xb, dyb = (jax.lax.dynamic_slice_in_dim(a, b * block, block) for a in (x, dy))
-      return acc + jnp.einsum("RI,RO->IO", xb, dyb).astype(acc.dtype)
-    acc = jax.lax.fori_loop(first[e], first[e] + counts[e], one, jnp.zeros(dw.shape[1:], dw.dtype))
+    acc = jnp.zeros(dw.shape[1:], dw.dtype)
+    for j, size in enumerate(chunk_sizes(big)):
+      def one(c, acc, j=j, rows=size * granule):
+        at = first[e, j] * granule + c * rows
+        xc, dyc = (jax.lax.dynamic_slice_in_dim(a, at, rows) for a in (x, dy))
+        return acc + jnp.einsum("RI,RO->IO", xc, dyc).astype(acc.dtype)
+      acc = jax.lax.fori_loop(0, chunks[e, j], one, acc)
     return jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0)
-  return jax.lax.fori_loop(0, first.shape[0], expert, jnp.zeros((first.shape[0], x.shape[1], dy.shape[1]), x.dtype))
+  num_experts = chunks.shape[0]
+  return jax.lax.fori_loop(0, num_experts, expert, jnp.zeros((num_experts, x.shape[1], dy.shape[1]), x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def block_matmul(x, w, first, counts, block: int):
-  """Grouped matmul over an expert-sorted, block-padded buffer: block b of expert e is x_b @ w[e].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def block_matmul(x, w, chunks, first, big: int, granule: int):
+  """Grouped matmul over an expert-sorted, granule-padded buffer: chunk c of expert e is x_c @ w[e].
 
   A custom VJP because reverse mode cannot differentiate loops with traced trip counts; the backward runs the
-  same loops (dx_b = dy_b @ w[e]^T, dw[e] = sum_b x_b^T dy_b), so it too does only the owned blocks' work.
-  Args: x float[NB*block, Din], w float[E, Din, Dout], first/counts int32[E] (`padded_layout`'s blocks).
-  Returns: float[NB*block, Dout]; rows of unowned blocks are 0.
+  same loops (dx_c = dy_c @ w[e]^T, dw[e] = sum_c x_c^T dy_c), so it too does only the chunks' work.
+  Args: x float[R, Din], w float[E, Din, Dout], chunks/first int32[E, S] (`chunk_plan`), big and granule as there.
+  Returns: float[R, Dout]; rows outside every chunk are 0.
   """
-  return _each_block(lambda rows, we: rows @ we, x, w, first, counts, block, w.shape[2])
+  return _each_chunk(lambda rows, we: rows @ we, x, w, chunks, first, big, granule, w.shape[2])
 
 
-def _block_matmul_fwd(x, w, first, counts, block):
-  return block_matmul(x, w, first, counts, block), (x, w, first, counts)
+def _block_matmul_fwd(x, w, chunks, first, big, granule):
+  return block_matmul(x, w, chunks, first, big, granule), (x, w, chunks, first)
 
 
-def _block_matmul_bwd(block, residuals, dy):
-  x, w, first, counts = residuals
-  dx = _each_block(lambda rows, we: jnp.einsum("RO,IO->RI", rows, we), dy, w, first, counts, block, w.shape[1])
-  return dx, _per_expert_outer(x, dy, first, counts, block).astype(w.dtype), None, None
+def _block_matmul_bwd(big, granule, residuals, dy):
+  x, w, chunks, first = residuals
+  transposed = lambda rows, we: jnp.einsum("RO,IO->RI", rows, we)  # noqa: E731
+  dx = _each_chunk(transposed, dy, w, chunks, first, big, granule, w.shape[1])
+  return dx, _per_expert_outer(x, dy, chunks, first, big, granule).astype(w.dtype), None, None
 
 
 block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
 
 
 def block_rows(copies: int, num_experts: int) -> int:
-  """Rows per block: BLOCK_ROWS, or for few tokens (decoding) the power of two >= the mean group size, at least 8,
-  so that a handful of copies is not padded to BLOCK_ROWS rows per expert. Example: 4096 copies over 8 experts ->
-  256; 2 copies (one token, top-2) -> 8."""
+  """Rows of the big chunks: BLOCK_ROWS, or for few tokens (decoding) the power of two >= the mean group size, at
+  least 8, so that a handful of copies is not cut into BLOCK_ROWS-row matmuls. Example: 4096 copies over 8 experts
+  -> 512; 2 copies (one token, top-2) -> 8."""
   return min(BLOCK_ROWS, max(8, 1 << (-(-copies // num_experts) - 1).bit_length()))
 
 
-def blocked_dispatch(x, weights, experts, gate, up, down, block: int | None = None):
-  """CPU grouped path (module docstring): copies sorted into per-expert groups padded to `block` rows (default
-  `block_rows`), then per expert a loop over its blocks with that expert's weights, sliced once. Args as
-  `dense_dispatch`. Returns: float[N, D]."""
+def blocked_dispatch(x, weights, experts, gate, up, down, block: int | None = None, granule: int | None = None):
+  """CPU grouped path (module docstring): copies sorted into per-expert groups padded to `granule` rows (default
+  min(GRANULE_ROWS, block)), each group cut into chunks of `block` rows (default `block_rows`) and one chunk per
+  smaller power-of-two multiple of `granule`; per expert a loop over its chunks with that expert's weights, sliced
+  once. Args as `dense_dispatch`; block // granule must be a power of two. Returns: float[N, D].
+  """
   n, k = experts.shape
   e = gate.shape[0]
   block = block or block_rows(n * k, e)
-  rows, counts = padded_layout(experts.reshape(-1), e, block)
-  blocks = -(-n * k // block) + e  # sum_e ceil(g_e / block) <= ceil(N*K / block) + E
-  first = jnp.cumsum(counts) - counts
-  xb = jnp.zeros((blocks * block, x.shape[-1]), x.dtype).at[rows].set(jnp.repeat(x, k, axis=0))
-  h = jax.nn.silu(block_matmul(xb, gate, first, counts, block)) * block_matmul(xb, up, first, counts, block)
-  yb = block_matmul(h, down, first, counts, block)
+  granule = granule or min(GRANULE_ROWS, block)
+  big = block // granule
+  if block % granule or big & (big - 1):
+    raise SphinxError(f"blocked dispatch: block {block} must be a power-of-two multiple of granule {granule}.")
+  rows, granules = padded_layout(experts.reshape(-1), e, granule)
+  chunks, first = chunk_plan(granules, big)
+  size = (-(-n * k // granule) + e) * granule  # sum_e ceil(g_e / granule) <= ceil(N*K / granule) + E
+  xb = jnp.zeros((size, x.shape[-1]), x.dtype).at[rows].set(jnp.repeat(x, k, axis=0))
+  matmul = lambda a, w: block_matmul(a, w, chunks, first, big, granule)  # noqa: E731
+  yb = matmul(jax.nn.silu(matmul(xb, gate)) * matmul(xb, up), down)
   return jnp.einsum("NKD,NK->ND", yb[rows].reshape(n, k, -1), weights)
 
 
