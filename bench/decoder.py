@@ -2,12 +2,14 @@
 `generate`) on the same config, with the machine's f32 matmul roof and streaming bandwidth measured in the run.
 
 Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3] [--parts train,decode]
-                                                           [--no-torch-compile] [--remat none|full|...]
+          [--no-torch-compile] [--remat none|full|...] [--variants fused:rows:custom,lse:plain:autodiff]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
 Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
 text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
 layers (`unscan_layers`), vs HF `generate` (default, and static cache + torch.compile unless --no-torch-compile).
---quick: a small smoke config (seconds).
+--quick: a small smoke config (seconds). JAX train-step variants (--variants CE:DENSE:ATTENTION): the
+cross-entropy ('fused' = models/head_loss.py, 'lse' / 'plain' on full logits), and the previous dense products
+and attention backward (kept here so that each change is measured against what it replaced in the same run).
 
 Model FLOPs per train step (the MFU numerator): 6 * P_mm * B * T + 6 * L * B * T^2 * D, with P_mm the matmul
 parameters (blocks + lm_head, not the embedding lookup) and the second term causal attention (QK^T and PV,
@@ -21,7 +23,8 @@ of a part run interleaved for --iters rounds and the fastest round of each count
 from __future__ import annotations
 
 import argparse
-from functools import partial
+import contextlib
+import time
 from typing import Callable
 
 import jax
@@ -36,6 +39,7 @@ from timing import fastest, warm_up  # bench/ is the script's directory
 from sphinx_jax import config as cfg
 from sphinx_jax.convert import hf as hf_convert
 from sphinx_jax.inference.generate import Generator
+from sphinx_jax.models import head_loss, layers
 from sphinx_jax.models.llama import Llama
 from sphinx_jax.models.sphinx import Sphinx
 
@@ -50,12 +54,14 @@ CONFIGS = {
 # --- machine ----------------------------------------------------------------------------------------------
 
 def matmul_roof(sizes, iters):
-  """Best f32 GEMM FLOP/s of XLA and PyTorch (bench/roof.py) over square sizes; returns (roof, {name: flops})."""
-  results = {}
+  """Best f32 GEMM FLOP/s of XLA and PyTorch (bench/roof.py) over square sizes; returns (roof, {name: flops},
+  roof per CPU second: the same GEMMs' FLOPs over this process's CPU time, less disturbed by other jobs)."""
+  results, per_cpu = {}, 0.0
   for n in sizes:
     best = fastest(gemms("float32", n), iters)
     results.update({f"{name.split()[0]} {n}": 2 * n ** 3 / best[name][0] for name in best})
-  return max(results.values()), results
+    per_cpu = max([per_cpu] + [2 * n ** 3 / cpu for _, cpu in best.values()])
+  return max(results.values()), results, per_cpu
 
 
 def stream_contenders(mib=256) -> dict[str, tuple[Callable, int]]:
@@ -121,8 +127,31 @@ def cross_entropy(logits, targets, kind):
   return (jax.nn.logsumexp(logits, axis=-1) - target_logit).mean()
 
 
-def jax_train_step(c, remat, ce):
-  """A ready-to-time JAX train step (fwd + bwd + AdamW, state donated) on config c."""
+def _autodiff_attend(logits, v, kv_spec, out_spec):
+  """layers._attend without its custom backward (autodiff through the softmax), the previous attention."""
+  return jnp.einsum(f"BKGTS,{kv_spec}->{out_spec}", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+@contextlib.contextmanager
+def previous_layers(dense, attention):
+  """dense 'rows': layers.dense as it is (products on [B*T, D] rows), 'plain': the previous [B, T, D] products;
+  attention 'custom': layers._attend's backward as it is, 'autodiff': the previous one. The previous versions are
+  kept here to measure each change in the same run; they hold while a step traces."""
+  saved = layers.rows_dot_general, layers._attend
+  if dense == "plain":
+    layers.rows_dot_general = jax.lax.dot_general
+  if attention == "autodiff":
+    layers._attend = _autodiff_attend
+  try:
+    yield
+  finally:
+    layers.rows_dot_general, layers._attend = saved
+
+
+def jax_train_step(c, remat, ce, dense="rows", attention="custom", chunk_rows=1024):
+  """A ready-to-time JAX train step (fwd + bwd + AdamW, state donated) on config c, compiled here, inside
+  `previous_layers(dense, attention)`. ce 'fused': the decoder returns its final hidden states and
+  models/head_loss.py applies lm_head and the cross-entropy in chunks of `chunk_rows` rows."""
   model = Llama(llm_of(c, remat_policy=remat))
   b, t = c["batch"], c["seq"]
   rng = np.random.default_rng(0)
@@ -135,19 +164,28 @@ def jax_train_step(c, remat, ce):
   state = (params, tx.init(params))
 
   def loss_fn(p, toks):
+    if ce == "fused":
+      hidden, _ = model.apply({"params": p}, toks[:, :-1], positions=positions, return_hidden=True)
+      nll, _ = head_loss.head_cross_entropy(hidden, p["lm_head"]["kernel"], toks[:, 1:], jnp.ones((b, t)),
+                                            chunk_rows=chunk_rows)
+      return nll / (b * t)
     logits, _ = model.apply({"params": p}, toks[:, :-1], positions=positions)
     return cross_entropy(logits, toks[:, 1:], ce)
 
-  @partial(jax.jit, donate_argnums=0)
   def step(state, toks):
     p, opt = state
     loss, grads = jax.value_and_grad(loss_fn)(p, toks)
     updates, opt = tx.update(grads, opt, p)
     return (optax.apply_updates(p, updates), opt), loss
 
+  start = time.perf_counter()
+  with previous_layers(dense, attention):
+    compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
+  print(f"    (compiled the jax step {ce}:{dense}:{attention} in {time.perf_counter() - start:.1f} s)", flush=True)
+
   def run():
     nonlocal state
-    state, loss = step(state, tokens)
+    state, loss = compiled(state, tokens)
     loss.block_until_ready()
 
   return run
@@ -229,7 +267,10 @@ def main():
   parser.add_argument("--parts", default="train,decode")
   parser.add_argument("--no-torch-compile", action="store_true")
   parser.add_argument("--remat", default="none")
-  parser.add_argument("--ce", default="lse", help="JAX cross-entropy kinds to time: plain, lse or both")
+  parser.add_argument("--variants", default="fused:rows:custom",
+                      help="JAX steps to time, comma-separated CE:DENSE:ATTENTION; CE plain|lse|fused, DENSE rows "
+                           "(now)|plain (previous), ATTENTION custom (now)|autodiff (previous)")
+  parser.add_argument("--chunk-rows", type=int, default=1024, help="rows per chunk of the fused cross-entropy")
   args = parser.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = False
@@ -238,15 +279,15 @@ def main():
   print(f"config {'quick' if args.quick else 'M'}: {c}; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch {torch.__version__} threads {torch.get_num_threads()}")
 
-  roof, gemms = matmul_roof(c["gemm"], args.iters)
+  roof, gemms, roof_cpu = matmul_roof(c["gemm"], args.iters)
   bandwidth, copies = stream_bandwidth(args.iters)
   print("f32 GEMM GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemms.items())
-        + f"  -> roof {roof / 1e9:.1f}", flush=True)
+        + f"  -> roof {roof / 1e9:.1f} ({roof_cpu / 1e9:.1f} per CPU second)", flush=True)
   print("stream GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in copies.items())
         + f"  -> bandwidth {bandwidth / 1e9:.1f}")
 
   if "train" in parts:
-    train_part(c, args, roof)
+    train_part(c, args, roof, roof_cpu)
   if "decode" in parts:
     decode_part(c, args, bandwidth)
 
@@ -267,22 +308,31 @@ def warm_up_verbosely(runs) -> dict[str, float]:
   return first
 
 
-def train_part(c, args, roof):
+def train_part(c, args, roof, roof_cpu):
   flops = train_flops(c)
   print(f"train step: {flops / 1e12:.3f} TFLOP of model work", flush=True)
   runs = {"torch default (AdamW foreach)": torch_train_step(c, tuned=False)}
   if not args.no_torch_compile:
     runs["torch tuned (fused AdamW, torch.compile)"] = torch_train_step(c, tuned=True)
   for remat in dict.fromkeys([args.remat, "none"]):
-    for ce in args.ce.split(","):
-      runs[f"jax remat={remat} ce={ce}"] = jax_train_step(c, remat, ce)
+    for variant in args.variants.split(","):
+      ce, dense, attention = variant.split(":")
+      runs[f"jax remat={remat} {variant}"] = jax_train_step(c, remat, ce, dense, attention, args.chunk_rows)
   first = warm_up_verbosely(runs)
-  best = fastest(runs, args.iters, warm=False)
+  # The roof GEMMs run in the same rounds too, so that load from other jobs that comes and goes falls on them alike.
+  n = max(c["gemm"])
+  roof_runs = {f"roof {name}": fn for name, fn in gemms("float32", n).items()}
+  warm_up(roof_runs)
+  best = fastest({**runs, **roof_runs}, args.iters, warm=False)
+  roof = max([roof] + [2 * n ** 3 / best[name][0] for name in roof_runs])
+  roof_cpu = max([roof_cpu] + [2 * n ** 3 / best[name][1] for name in roof_runs])
+  print(f"  roof over the start and these rounds: {roof / 1e9:.1f} GFLOP/s ({roof_cpu / 1e9:.1f} per CPU second)")
+  best = {name: times for name, times in best.items() if name in runs}
   best_torch = min(wall for name, (wall, _) in best.items() if name.startswith("torch"))
   for name, (seconds, cpu) in best.items():
     print(f"  {name:44s} {seconds:7.2f} s/step (CPU {cpu:7.2f} s, first call {first[name]:6.1f} s)  "
-          f"{flops / seconds / 1e9:7.1f} GFLOP/s  {flops / seconds / roof:6.1%} of roof  "
-          f"x{best_torch / seconds:.2f} vs best torch", flush=True)
+          f"{flops / seconds / 1e9:7.1f} GFLOP/s  {flops / seconds / roof:6.1%} of roof "
+          f"({flops / cpu / roof_cpu:6.1%} in CPU s)  x{best_torch / seconds:.2f} vs best torch", flush=True)
 
 
 def decode_part(c, args, bandwidth):

@@ -73,11 +73,15 @@ def test_schedule_warmup_then_half_cosine():
 
 
 def test_loss_is_mean_over_labelled_targets():
+  """The head's logits (hidden @ head) at t against token t+1, averaged over the labelled targets only."""
   rng = np.random.default_rng(1)
-  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  hidden = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  head = rng.normal(size=(3, 7)).astype(np.float32)
+  logits = hidden.astype(np.float64) @ head
   tokens = rng.integers(0, 7, size=(2, 5))
   mask = np.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 1]], bool)
-  loss, metrics = loss_lib.next_token_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  loss, metrics = loss_lib.next_token_loss(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(tokens),
+                                           jnp.asarray(mask))
   nll = []
   for b in range(2):
     for t in range(1, 5):

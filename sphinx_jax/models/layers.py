@@ -6,6 +6,7 @@ Nothing here names a mesh axis; weights carry logical names from `sphinx_jax.sha
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -24,12 +25,30 @@ def partitioned(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """nn.Dense's product (lhs's last axis with rhs's first) on lhs flattened to rows: float[..., I] x [I, O] ->
+  float[..., O].
+
+  Why rows: on [B, T, I] the weight gradient contracts two axes (B and T) at once, and XLA CPU then copies the
+  output gradient into a transposed layout before every weight-gradient matmul (the [B*T, 32000] logits
+  gradient included); on [B*T, I] it is one plain matmul (an MLP's fwd+bwd at [4, 512, 1024 -> 2816] ran 1.2x
+  faster). Merging leading axes is a free reshape, so other backends see the same product.
+  """
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+    raise ValueError(f"rows_dot_general contracts lhs's last axis with rhs's first, not {dimension_numbers}")
+  rows = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
+  return rows.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+
 def dense(features, axes, name, *, use_bias=False, bias_axes=None, dtype=jnp.float32, param_dtype=jnp.float32,
           kernel_init=nn.initializers.lecun_normal()):
-  """nn.Dense whose kernel [in, out] carries logical axes `axes` (bias: `bias_axes`, default axes[-1:])."""
+  """nn.Dense whose kernel [in, out] carries logical axes `axes` (bias: `bias_axes`, default axes[-1:]); the
+  product runs on rows (`rows_dot_general`)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=partitioned(kernel_init, axes),
-                  bias_init=partitioned(nn.initializers.zeros_init(), bias_axes or axes[-1:]))
+                  bias_init=partitioned(nn.initializers.zeros_init(), bias_axes or axes[-1:]),
+                  dot_general=rows_dot_general)
 
 
 def layer_norm(eps, name, axis_name=None, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -134,9 +153,36 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None):
     else:  # [B, N, T, S]
       mask = mask.reshape(b, kv_heads, groups, t, -1) if mask.shape[1] == n else mask[:, :, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"BKGTS,{kv_spec}->{q_spec}", probs, v)
+  out = _attend(logits, v, kv_spec, q_spec)
   return (out.transpose(0, 3, 1, 2, 4) if t > 1 else out).reshape(b, t, n, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _attend(logits, v, kv_spec, out_spec):
+  """softmax(logits) v: logits float32[B, K, G, T, S], v laid out as `kv_spec` -> `out_spec`, in v's dtype.
+
+  The backward needs sum_s dP * P per query, which equals dO . O (P sums the rows of V into O): a reduction over
+  the head dim H instead of the keys S, from tensors already at hand, so no [.., T, S] reduction or recomputed
+  softmax runs (as flash attention's backward does it). Attention fwd+bwd at [4, 512, 16 x 64] on XLA CPU: 1.2x.
+  """
+  return jnp.einsum(f"BKGTS,{kv_spec}->{out_spec}", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+def _attend_fwd(logits, v, kv_spec, out_spec):
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"BKGTS,{kv_spec}->{out_spec}", probs, v)
+  return out, (probs, v, out)
+
+
+def _attend_bwd(kv_spec, out_spec, saved, d_out):
+  probs, v, out = saved
+  d_v = jnp.einsum(f"BKGTS,{out_spec}->{kv_spec}", probs, d_out)
+  d_probs = jnp.einsum(f"{out_spec},{kv_spec}->BKGTS", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.einsum(f"{out_spec},{out_spec}->BKGT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  return probs.astype(jnp.float32) * (d_probs - row[..., None]), d_v
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 REMAT_POLICIES = {

@@ -186,10 +186,13 @@ class Llama(nn.Module):
       return x, None
     return x, {n: [o[n] for o in outs] if per_layer else jnp.stack([o[n] for o in outs]) for n in ("k", "v")}
 
-  def __call__(self, tokens=None, *, embeddings=None, positions, segment_ids=None, cache=None, last_only=False):
+  def __call__(self, tokens=None, *, embeddings=None, positions, segment_ids=None, cache=None, last_only=False,
+               return_hidden=False):
     """Args: tokens int[B, T] xor embeddings float[B, T, D]; positions int[B, T]; segment_ids int[B, T] (default
-    all 1); cache from `init_cache` or a previous call; last_only: logits of the last position only.
-    Returns: (logits float[B, T or 1, V] in `dtype`, updated cache or None).
+    all 1); cache from `init_cache` or a previous call; last_only: logits of the last position only;
+    return_hidden: the final norm's output float[B, T or 1, D] instead of the logits, for a loss that applies
+    `lm_head/kernel` itself (models/head_loss.py, which never holds [B, T, V] logits).
+    Returns: (logits float[B, T or 1, V] in `dtype` (or the hidden states), updated cache or None).
     """
     if (tokens is None) == (embeddings is None):
       raise SphinxError("Llama: pass exactly one of tokens and embeddings.")
@@ -209,11 +212,12 @@ class Llama(nn.Module):
     x, layer_caches = self._blocks(x, layer_caches, positions, mask, index)
     if last_only:
       x = x[:, -1:]
-    logits = self.lm_head(self.final_norm(x))
+    x = self.final_norm(x)
+    out = x if return_hidden and not self.is_initializing() else self.lm_head(x)  # init still creates lm_head
     if cache is None:
-      return logits, None
-    return logits, dict(layer_caches, positions=kv_positions, segments=kv_segments,
-                        index=index + positions.shape[1])
+      return out, None
+    return out, dict(layer_caches, positions=kv_positions, segments=kv_segments,
+                     index=index + positions.shape[1])
 
 
 def _split_leaf(stacked, n_layers: int, consume: bool) -> list:

@@ -245,14 +245,15 @@ class Sphinx(nn.Module):
       has_image = jnp.ones(tokens.shape[:1], bool)
     return layout(text[:, :1], image, text[:, 1:], has_image, shift)
 
-  def __call__(self, tokens, images=None, has_image=None):
-    """Logits float[B, 1+T, K] aligned with tokens int[B, 1+T]; `images` None runs the decoder alone."""
+  def __call__(self, tokens, images=None, has_image=None, return_hidden=False):
+    """Logits float[B, 1+T, K] aligned with tokens int[B, 1+T]; `images` None runs the decoder alone.
+    return_hidden: the final norm's output float[B, 1+T, D] instead (the trainer applies lm_head in its loss)."""
     if images is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-      return self.llm(tokens, positions=positions)[0]
+      return self.llm(tokens, positions=positions, return_hidden=return_hidden)[0]
     x, positions, segments = self._inputs(tokens, images, has_image, jnp.zeros(tokens.shape[:1], jnp.int32))
-    logits, _ = self.llm(embeddings=x, positions=positions, segment_ids=segments)
-    return text_logits(logits, self.image_words)
+    out, _ = self.llm(embeddings=x, positions=positions, segment_ids=segments, return_hidden=return_hidden)
+    return text_logits(out, self.image_words)
 
   def prefill(self, tokens, lengths, cache, images=None, has_image=None):
     """First generation step: fills `cache` with the image block and the prompts.

@@ -92,7 +92,7 @@ def to_global(batch: dict, sharding) -> dict:
 
 
 def apply_fn(model: Sphinx):
-  """(params, batch) -> (logits aligned with batch["tokens"], weighted auxiliary loss).
+  """(params, batch) -> (final-norm hidden states aligned with batch["tokens"], weighted auxiliary loss).
 
   Text batches (no "images": text-only groups, or a model without towers) run the decoder alone; the batch's keys
   are static, so each kind compiles once. A MoE decoder sows its per-layer load-balancing losses; their mean
@@ -105,9 +105,9 @@ def apply_fn(model: Sphinx):
     args = (batch["tokens"],) if not with_towers or "images" not in batch else (
         batch["tokens"], batch["images"], batch["has_image"])
     if not moe_config:
-      return model.apply({"params": params}, *args), jnp.float32(0.0)
-    logits, sown = model.apply({"params": params}, *args, mutable=["aux_loss"])
-    return logits, moe_config.load_balancing_weight * moe_lib.load_balancing_loss(sown["aux_loss"])
+      return model.apply({"params": params}, *args, return_hidden=True), jnp.float32(0.0)
+    hidden, sown = model.apply({"params": params}, *args, return_hidden=True, mutable=["aux_loss"])
+    return hidden, moe_config.load_balancing_weight * moe_lib.load_balancing_loss(sown["aux_loss"])
   return apply
 
 

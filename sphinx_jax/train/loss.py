@@ -5,23 +5,22 @@ outside assistant replies; here the mask is explicit (`loss_mask`), so a real to
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from sphinx_jax.models.head_loss import head_cross_entropy
 
-def next_token_loss(logits, tokens, loss_mask):
-  """Mean CE of logits[:, t] predicting tokens[:, t+1] where loss_mask[:, t+1].
 
-  Args: logits float[B, T, V] aligned with tokens int[B, T]; loss_mask bool[B, T] (True = trained target).
+def next_token_loss(hidden, head, tokens, loss_mask):
+  """Mean CE of the head's logits at t (`hidden[:, t] @ head`) predicting tokens[:, t+1] where loss_mask[:, t+1].
+
+  The head and the loss run in chunks of positions (models/head_loss.py): the [B, T, V] logits never exist.
+  Args: hidden float[B, T, D] (the decoder's final norm output) aligned with tokens int[B, T]; head float[D, V]
+  (lm_head's kernel); loss_mask bool[B, T] (True = trained target).
   Returns: (loss, metrics) with metrics {loss, accuracy, tokens}; 0 loss when nothing is labelled.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = tokens[:, 1:]
   weights = loss_mask[:, 1:].astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  nll, correct = head_cross_entropy(hidden[:, :-1], head, tokens[:, 1:], weights)
   count = jnp.sum(weights)
   denom = jnp.maximum(count, 1.0)
-  loss = jnp.sum(nll * weights) / denom
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
-  return loss, {"loss": loss, "accuracy": accuracy, "tokens": count}
+  loss = nll / denom
+  return loss, {"loss": loss, "accuracy": correct / denom, "tokens": count}

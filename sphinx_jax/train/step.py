@@ -1,8 +1,8 @@
 """One training step: loss, grads, skipped update on non-finite values, metrics.
 
-`apply_fn(params, batch) -> (logits, aux)`: logits aligned with `batch["tokens"]` (the model's contract) and an
+`apply_fn(params, batch) -> (hidden, aux)`: the decoder's final-norm output aligned with `batch["tokens"]` and an
 auxiliary loss already weighted (the MoE load-balancing term, 0 for dense decoders); the loss is the original's
-masked next-token cross-entropy (train/loss.py) plus `aux`. The step is pure; train/loop.py `build` wraps it in
+masked next-token cross-entropy of `lm_head` on it (train/loss.py, chunked: no [B, T, V] logits) plus `aux`. The step is pure; train/loop.py `build` wraps it in
 one `jax.jit` with explicit in/out shardings and the state donated.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from sphinx_jax.train.state import TrainState
 def make_train_step(apply_fn, tx, schedule=None):
   """Returns step(state, batch) -> (state, metrics)."""
   def loss_fn(params, batch):
-    logits, aux = apply_fn(params, batch)
-    ce, metrics = loss_lib.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+    hidden, aux = apply_fn(params, batch)
+    head = params["llm"]["lm_head"]["kernel"]
+    ce, metrics = loss_lib.next_token_loss(hidden, head, batch["tokens"], batch["loss_mask"])
     return ce + aux, dict(metrics, aux_loss=aux)
 
   def step(state: TrainState, batch):
