@@ -223,9 +223,9 @@ def validate(config, num_devices: int | None = None, *, training: bool = False) 
   _check(not unknown, "model.towers", f"unknown tower(s) {unknown}; known: {sorted(TOWER_BUILDERS)}.")
   _check(model.views in (1, 5), "model.views", f"{model.views} views; SPHINX uses 1 or 5.")
   grids = vit_grids(model)
-  _check(len(set(grids.values())) <= 1, list(grids)[-1],
-         f"the ViT towers' patch grids differ ({grids}); their tokens are concatenated channel-wise, so choose "
-         "patches giving one grid.")
+  if len(set(grids.values())) > 1:
+    raise SphinxError(f"config.{list(grids)[-1]}: the ViT towers' patch grids differ ({grids}); their tokens are "
+                      "concatenated channel-wise, so choose patches giving one grid.")
   if model.towers:
     needed = image_tokens(model) + 1
     _check(llm.max_seq_len >= needed, "model.llm.max_seq_len",
