@@ -165,7 +165,7 @@ def _attend(logits, v, kv_spec, out_spec):
   the head dim H instead of the keys S, from tensors already at hand, so no [.., T, S] reduction or recomputed
   softmax runs (as flash attention's backward does it). Attention fwd+bwd at [4, 512, 16 x 64] on XLA CPU: 1.2x.
   """
-  return jnp.einsum(f"BKGTS,{kv_spec}->{out_spec}", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+  return _attend_fwd(logits, v, kv_spec, out_spec)[0]
 
 
 def _attend_fwd(logits, v, kv_spec, out_spec):
