@@ -6,7 +6,8 @@ Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
 Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
 text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
-layers (`unscan_layers`), vs HF `generate` (default, and static cache + torch.compile unless --no-torch-compile).
+layers (`unscan_layers`), and unscanned with XLA CPU's default fusions (without the Generator's CPU-only
+`CPU_COMPILER_OPTIONS`), vs HF `generate` (default, and static cache + torch.compile unless --no-torch-compile).
 --quick: a small smoke config (seconds). JAX train-step variants (--variants CE:DENSE:ATTENTION): the
 cross-entropy ('fused' = models/head_loss.py, 'lse' / 'plain' on full logits), and the previous dense products
 and attention backward (kept here so that each change is measured against what it replaced in the same run).
@@ -38,7 +39,7 @@ from timing import fastest, warm_up  # bench/ is the script's directory
 
 from sphinx_jax import config as cfg
 from sphinx_jax.convert import hf as hf_convert
-from sphinx_jax.inference.generate import Generator
+from sphinx_jax.inference import generate
 from sphinx_jax.models import head_loss, layers
 from sphinx_jax.models.llama import Llama
 from sphinx_jax.models.sphinx import Sphinx
@@ -222,7 +223,19 @@ def jax_generator(model, unscan_layers):
   llm = hf_convert.llm_config_from_hf(model.config.to_dict())
   params = hf_convert.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, llm, True)
   sphinx = Sphinx(cfg.model_config(llm, (), 0, 1, dtype="float32"))
-  return Generator(sphinx, {"llm": jax.device_put(params)}, unscan_layers=unscan_layers)
+  return generate.Generator(sphinx, {"llm": jax.device_put(params)}, unscan_layers=unscan_layers)
+
+
+@contextlib.contextmanager
+def xla_default_cpu_options():
+  """Generators built in this block compile with XLA CPU's default options, not `generate.CPU_COMPILER_OPTIONS`
+  (the previous state), so that CPU-only setting is measured in the same run."""
+  saved = generate.CPU_COMPILER_OPTIONS
+  generate.CPU_COMPILER_OPTIONS = {}
+  try:
+    yield
+  finally:
+    generate.CPU_COMPILER_OPTIONS = saved
 
 
 def decode_contenders(c, batch, hf_models, generators, outputs):
@@ -338,6 +351,8 @@ def decode_part(c, args, bandwidth):
   reference = hf_models["hf generate"]
   generators = {"jax Generator scanned layers": jax_generator(reference, unscan_layers=False),
                 "jax Generator unscanned layers": jax_generator(reference, unscan_layers=True)}
+  with xla_default_cpu_options():
+    generators["jax unscanned, XLA CPU default options"] = jax_generator(reference, unscan_layers=True)
   streams = stream_contenders()
   warm_up({name: fn for name, (fn, _) in streams.items()})
   for batch in c["decode_batches"]:
@@ -353,7 +368,7 @@ def decode_part(c, args, bandwidth):
           f"per step -> bound {bound:.1f} tok/s", flush=True)
     for name, rate in rates.items():
       same = np.mean(outputs[name] == outputs["hf generate"])
-      print(f"    {name:36s} {rate:8.1f} tok/s  x{rate / best_hf:.2f} vs best HF  {rate / bound:6.1%} of the "
+      print(f"    {name:38s} {rate:8.1f} tok/s  x{rate / best_hf:.2f} vs best HF  {rate / bound:6.1%} of the "
             f"bound  (first call {first[name]:6.1f} s; {same:.0%} of tokens as HF)", flush=True)
 
 

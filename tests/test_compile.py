@@ -115,7 +115,7 @@ def test_tiny_compile_memory_within_hand_bounds(name, steps):
   if "decode" in steps:
     decode = report.steps[1]
     cache_len = 291 + 128  # max_len: image positions + text
-    cache = 2 * 8 * cache_len * 64 * 4 * 2 + 2 * 8 * cache_len * 4  # k, v [L, B, S, K*H] fp32; positions, segments
+    cache = 2 * 8 * cache_len * 64 * 4 * 2 + 2 * 8 * cache_len * 4  # k, v [L, B, K, S, H] fp32; positions, segments
     decoder = 4 * sum(n for p, n in sizes.items() if p.startswith("llm/"))  # jit drops the unused tower weights
     assert decode.fits
     assert (decoder + cache) / chips <= decode.arguments <= 1.25 * (decoder + cache) / chips + 1024

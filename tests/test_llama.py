@@ -12,7 +12,7 @@ from flax import traverse_util
 from sphinx_jax import config as cfg
 from sphinx_jax.convert import hf
 from sphinx_jax.errors import SphinxError
-from sphinx_jax.inference.generate import Generator
+from sphinx_jax.inference.generate import Generator, run, stop_table
 from sphinx_jax.models import layers
 from sphinx_jax.models.llama import (Llama, _cudnn_attention, attention_backend, init_cache, stack_layers,
                                      unstack_layers)
@@ -117,6 +117,19 @@ def test_greedy_continuation_matches_hf(unscan_layers):
   generator.params = {"llm": params}
   assert not generator.model.config.llm.scan_layers and "layers_1" in generator.params["llm"]
   assert generator.generate_ids(prompts, max_new_tokens=16) == expected
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-only compiler setting")
+def test_generator_compiles_without_ynn_fusions_on_cpu():
+  """generate.CPU_COMPILER_OPTIONS reach the generation program: with XLA CPU's defaults a 2-row decode hands its
+  products to YNNPACK fusions (the premise: if that changes, the setting is moot), the Generator's has none."""
+  ours, params = ours_from(hf_llama(2), False)
+  generator = generator_of(ours, params)
+  args = (generator.params, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 8, jnp.int32), None, None,
+          jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(4), stop_table([]), 16)
+  default = jax.jit(lambda *a: run(generator.model, *a), static_argnums=(10,)).lower(*args).compile()
+  assert "__ynn_fusion" in default.as_text()
+  assert "__ynn_fusion" not in generator._run.lower(*args).compile().as_text()
 
 
 def test_generator_without_tokenizer_takes_ids_only():
@@ -304,14 +317,38 @@ def test_remat_policy_changes_what_is_saved(capsys):
   assert saved("full") < saved("save_qkv_mlp") < saved("none")
 
 
-def test_jax_sdpa_core_matches_the_xla_reference():
-  """The cuDNN backend's call (jax.nn.dot_product_attention, here on its XLA path) agrees with our reference."""
+@pytest.mark.parametrize("queries", [5, 1], ids=["prefill", "step"])
+def test_jax_sdpa_core_and_heads_first_kv_match_the_xla_reference(queries):
+  """The cuDNN backend's call (jax.nn.dot_product_attention, here on its XLA path) agrees with our reference, and
+  so does each backend given k, v heads-first ([B, K, S, H], the KV cache's layout)."""
   rng = np.random.default_rng(9)
-  q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(2, queries, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
-  mask = layers.attention_mask(arange_positions(2, 5, 2), arange_positions(2, 7), causal=True)
-  np.testing.assert_allclose(np.asarray(_cudnn_attention(q, k, v, mask, implementation="xla")),
-                             np.asarray(layers.dot_product_attention(q, k, v, mask)), rtol=0, atol=1e-6)
+  mask = layers.attention_mask(arange_positions(2, queries, 6 - queries), arange_positions(2, 7), causal=True)
+  expected = np.asarray(layers.dot_product_attention(q, k, v, mask))
+  k_first, v_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  for got in (_cudnn_attention(q, k, v, mask, implementation="xla"),
+              _cudnn_attention(q, k_first, v_first, mask, implementation="xla", kv_heads_first=True),
+              layers.dot_product_attention(q, k_first, v_first, mask, kv_heads_first=True)):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
+
+
+def test_decode_step_moves_only_the_new_cache_entries():
+  """A compiled single-token step writes each layer's K and V slot in place and reads the cache as it lies: no
+  other instruction yields a whole layer's cache (with such a layout copy per layer, the attention core of
+  bench/decoder.py's config M at batch 8 took 4.7 ms instead of 0.8 ms)."""
+  ours, params = ours_from(hf_llama(2), False)
+  batch, slots = 3, 40
+  cache = init_cache(ours.config, batch, slots, per_layer=True)
+  step = jax.jit(lambda p, t, pos, c: ours.apply({"params": p}, t, positions=pos, cache=c), donate_argnums=3)
+  hlo = step.lower(params, jnp.zeros((batch, 1), jnp.int32), arange_positions(batch, 1, 9), cache).compile()
+  layer_cache = f"f32[{batch},2,{slots},16]"  # [B, K, S, H]
+  entry = hlo.as_text().split("\nENTRY ")[1].splitlines()[1:]
+  writers = [line.split("=")[0].strip() for line in entry
+             if "=" in line and line.split("=")[1].strip().startswith(layer_cache + "{")
+             and not any(op in line for op in ("parameter(", "get-tuple-element(", "tuple("))]
+  assert len(writers) == 2 * ours.config.n_layers, writers  # one K and one V write per layer
+  assert all("dynamic-update-slice" in w for w in writers), writers
 
 
 @pytest.mark.parametrize("name, says", [("cudnn", "needs a GPU"), ("splash", "not implemented")])

@@ -37,6 +37,11 @@ from sphinx_jax.models.sphinx import Sphinx
 SPHINX_STOPS = (STOP,)  # what SPHINX's generate_response passes as additional_stop_symbols
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 STOP_ROWS, STOP_WIDTH = 16, 16  # [EOS] + two tokenisations per stop string, each at most 16 ids
+# CPU only: XLA CPU hands few-row products to YNNPACK, which ran [8, 1024] x [1024, 2816] 1.2-1.7x (and
+# [8, 1024] x [1024, 32000] 1.2x) slower than XLA's own dot on the 2-core dev box; without YNNPACK fusions the
+# config-M decode step of bench/decoder.py at batch 8 took 90-100 ms instead of 114-128 ms (two loaded runs;
+# keeping its elementwise and reduction fusions lost most of that gain), batch 1 and the prefill within noise.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -257,6 +262,11 @@ def run(model: Sphinx, params, tokens, lengths, images, has_image, key, temperat
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def compiler_options() -> dict | None:
+  """The generation programs' XLA options: `CPU_COMPILER_OPTIONS` when compiling for the CPU, else none."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 class Generator:
   """Jitted generation for one model and its params.
 
@@ -276,9 +286,10 @@ class Generator:
     self.buckets = tuple(buckets)
     self.max_seq_len = max_seq_len or model.config.llm.max_seq_len
     self.traces = 0
-    self._run = jax.jit(self._counted(run), static_argnums=(10,))
-    self._prefill = jax.jit(self._counted(prefill), static_argnums=(5,))
-    self._step = jax.jit(self._counted(step))
+    options = compiler_options()
+    self._run = jax.jit(self._counted(run), static_argnums=(10,), compiler_options=options)
+    self._prefill = jax.jit(self._counted(prefill), static_argnums=(5,), compiler_options=options)
+    self._step = jax.jit(self._counted(step), compiler_options=options)
 
   @property
   def params(self):

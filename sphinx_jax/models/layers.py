@@ -127,24 +127,27 @@ def attention_mask(q_positions, kv_positions, *, causal=True, kv_valid=None, q_s
   return mask
 
 
-def dot_product_attention(q, k, v, mask=None, *, scale=None):
+def dot_product_attention(q, k, v, mask=None, *, scale=None, kv_heads_first=False):
   """softmax(q k^T * scale) v with GQA by repeat-interleave (KV head j serves query heads jG..jG+G-1).
 
   The plain XLA backend, the reference the accelerator backends are checked against. Logits and softmax in
-  fp32. Args: q [B, T, N, H], k and v [B, S, K, H], mask bool broadcastable to [B, T, S] (or
-  [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
+  fp32. Args: q [B, T, N, H], k and v [B, S, K, H] ([B, K, S, H] with kv_heads_first, the KV cache's layout),
+  mask bool broadcastable to [B, T, S] (or [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if kv_heads_first else 2]
   groups = n // kv_heads
   scale = h ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, groups, h)
-  if t > 1:
+  if t > 1 or kv_heads_first:
     # Heads first, contracted axis last: XLA CPU then runs plain batched matmuls (the same contractions with the
-    # heads in the middle ran 1.5-2x slower at training and prefill shapes); TPU's layout pass is indifferent.
-    qg, k, v = qg.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # heads in the middle ran 1.5-2x slower at training and prefill shapes, and a decode step copied the whole
+    # cache into this layout first); TPU's layout pass is indifferent.
+    qg = qg.transpose(0, 2, 3, 1, 4)
+    if not kv_heads_first:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     q_spec, kv_spec = "BKGTH", "BKSH"
-  else:  # one query (a decode step): contract the KV cache where it lies; a transpose would copy all of it
+  else:  # one query, keys [B, S, K, H]: contract them where they lie; a transpose would copy all of them
     q_spec, kv_spec = "BTKGH", "BSKH"
   logits = jnp.einsum(f"{q_spec},{kv_spec}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
@@ -154,7 +157,7 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None):
       mask = mask.reshape(b, kv_heads, groups, t, -1) if mask.shape[1] == n else mask[:, :, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   out = _attend(logits, v, kv_spec, q_spec)
-  return (out.transpose(0, 3, 1, 2, 4) if t > 1 else out).reshape(b, t, n, h)
+  return (out.transpose(0, 3, 1, 2, 4) if q_spec == "BKGTH" else out).reshape(b, t, n, h)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
