@@ -91,6 +91,7 @@ def quick_config():
   c.model.dinov2.depth = 1
   c.model.llm.update(n_layers=1)
   c.data.global_batch_size = 2
+  c.train.towers_from = ""  # the demo's pre-trained towers are all four at full tiny depth; speed needs no weights
   return c
 
 

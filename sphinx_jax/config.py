@@ -247,12 +247,14 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   eval_at_start: with eval_every, also evaluate the untrained model before step 1 of a fresh run (the baseline).
   export_to: when set, the final params are also written there as a model directory (train/export.py), ready
     for `mix`, `load` and `init_from`.
+  towers_from: a model directory whose `towers` tree replaces the initial towers (fresh or from `init_from`):
+    pretrained encoders for a new model.
   """
   c = ml_collections.ConfigDict(dict(
       num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
       clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
       eval_at_start=False, checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
-      export_to="",
+      export_to="", towers_from="",
   ))
   c.update(overrides)
   return c

@@ -182,10 +182,11 @@ def test_cached_logits_equal_full_forward_logits(setup, forward, tokenizer):
 
 def test_no_retrace_within_a_bucket(setup, tokenizer):
   generator, _, _, image = setup
-  generator.generate_ids([prompt_ids(tokenizer, "red")], image[None], max_new_tokens=5)
+  short, longer = prompt_ids(tokenizer, "red"), prompt_ids(tokenizer, "what is near the")
+  assert len(short) < len(longer) and gen.bucket(len(short), BUCKETS) == gen.bucket(len(longer), BUCKETS)
+  generator.generate_ids([short], image[None], max_new_tokens=5)
   traced = generator.traces
-  generator.generate_ids([prompt_ids(tokenizer, "what is near the blue square and")], image[None],
-                         max_new_tokens=9, temperature=0.8, top_p=0.6, seed=4)
+  generator.generate_ids([longer], image[None], max_new_tokens=9, temperature=0.8, top_p=0.6, seed=4)
   assert generator.traces == traced  # other length, budget, temperature, top_p, seed: same program
   generator.generate_ids([prompt_ids(tokenizer, "red")], None, max_new_tokens=5)
   text_only = generator.traces  # (a text-only batch is its own program)

@@ -21,7 +21,7 @@ from dinov2.models.vision_transformer import DinoVisionTransformer
 from PIL import Image
 from skimage import data as skdata
 
-from sphinx_jax.config import ffn_hidden_dim
+from sphinx_jax.config import ffn_hidden_dim, patch_grid
 from sphinx_jax.data import image as image_data
 
 CLIP_MEAN = torch.tensor(image_data.CLIP_MEAN).view(3, 1, 1)
@@ -224,8 +224,9 @@ class TorchSphinx(torch.nn.Module):
     if "clip" in m.towers:
       streams.append(clip_encode_image(self.clip, small))
     conv = self.openclip_convnext_xxl(large)
-    if conv.shape[-1] == 8:  # 224 views: 8x8 -> 16x16 by 2x2 duplication
-      conv = conv.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    rep = patch_grid(m) // conv.shape[-1]
+    if rep > 1:  # 224 views: 8x8 -> 16x16 by 2x2 duplication (the original); the demo's patch-28 grid is 8x8 already
+      conv = conv.repeat_interleave(rep, dim=-1).repeat_interleave(rep, dim=-2)
     conv = conv.flatten(-2).permute(0, 2, 1)
     streams.append(torch.cat([conv.mean(dim=1, keepdim=True), conv], dim=1))
     if "qformer" in m.towers:

@@ -112,19 +112,40 @@ def apply_fn(model: Sphinx):
 
 
 def initial_params(config, boxed_init, shardings):
-  """Fresh params, or `train.init_from` (a model directory from convert/mix/train) placed on the mesh."""
-  init_from = config.train.get("init_from")
-  if not init_from:
-    return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
-  # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
-  # never uses) stay in the source directory.
-  wanted = set(flatten(shardings))
-  stored = set(abstract_params(init_from))
-  if not wanted <= stored or any(p.split("/")[0] in MODEL_PARTS for p in stored - wanted):
-    missing, extra = sorted(wanted - stored), sorted(p for p in stored - wanted if p.split("/")[0] in MODEL_PARTS)
-    raise SphinxError(f"config.train.init_from={init_from}: its parameters do not fit this model (missing "
-                      f"{missing[:3]}, unexpected {extra[:3]}); use a checkpoint of the same variant and sizes.")
-  return unflatten(restore_leaves(init_from, sorted(wanted), flatten(shardings)))
+  """Fresh params, or `train.init_from` (a model directory from convert/mix/train), placed on the mesh; then the
+  towers of `train.towers_from` when set."""
+  init_from, towers_from = config.train.get("init_from"), config.train.get("towers_from")
+  expected = flatten(sh.strip_boxes(jax.eval_shape(boxed_init))) if init_from or towers_from else {}
+  towers = None
+  if towers_from:
+    # SPHINX always starts from pretrained encoders: these come from one directory while the decoder comes from a
+    # fresh init or `init_from` (the demo's towers are pre-trained by configs/assets/make_demo_towers.py).
+    # Read first, so that a directory that does not fit fails before the (large) fresh init.
+    tower_shardings = {p: s for p, s in flatten(shardings).items() if p.startswith("towers/")}
+    towers = _stored_params("towers_from", towers_from, expected, tower_shardings, ("towers",))["towers"]
+  if init_from:
+    # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
+    # never uses) stay in the source directory.
+    params = _stored_params("init_from", init_from, expected, flatten(shardings), MODEL_PARTS)
+  else:
+    params = jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
+  return params if towers is None else {**params, "towers": towers}
+
+
+def _stored_params(key, path, expected, shardings, parts):
+  """The leaves named in `shardings` ({path: sharding}) of the model directory `path`, checked against the model's
+  `expected` shapes; stored leaves under `parts` that the model lacks are an error too (a different variant)."""
+  wanted = set(shardings)
+  stored = abstract_params(path)
+  missing = sorted(wanted - set(stored))
+  extra = sorted(p for p in set(stored) - wanted if p.split("/")[0] in parts)
+  if missing or extra:
+    raise SphinxError(f"config.train.{key}={path}: its parameters do not fit this model (missing {missing[:3]}, "
+                      f"unexpected {extra[:3]}); use a checkpoint of the same variant and sizes.")
+  if wrong := [p for p in sorted(wanted) if stored[p].shape != expected[p].shape]:
+    raise SphinxError(f"config.train.{key}={path}: {wrong[0]} has shape {stored[wrong[0]].shape}, this model's "
+                      f"{expected[wrong[0]].shape}; use a checkpoint of the same variant and sizes.")
+  return unflatten(restore_leaves(path, sorted(wanted), shardings))
 
 
 class Program(NamedTuple):

@@ -1,0 +1,185 @@
+"""Regenerates `demo_towers/`: the demo's four tiny towers pre-trained on the synthetic world's shapes scenes.
+
+Why: SPHINX trains on top of pretrained, frozen towers (CLIP, ConvNeXt, DINOv2, the BLIP-2 Q-Former); the demo's
+towers are tiny and would otherwise be random, and random towers barely tell a circle from a square (a linear probe
+on their tokens names an object's shape 59-64% of the time; NOTES.md). This script stands in for the released
+towers' web-scale pretraining with a few minutes of dense supervision on the demo's own world, so the demo's
+SPHINX stage learns to read features the way the original's does.
+
+Objective (linear read-out heads on the towers' outputs; training the demo reads only the towers):
+  each grid token of the fused stream [CLIP | ConvNeXt | DINOv2] (the demo's 8x8 grid at patch 28) predicts
+    whether an object covers its patch centre and, on object patches, that object's shape (3), colour (6) and box
+    (x1, y1, x2, y2 in [0, 1] of the padded square);
+  the fused stream's first token and the mean Q-Former query each predict which (shape, colour) pairs the scene
+    holds (18 binary labels: the world draws distinct pairs, so they also give the counts).
+
+Run from the repository root: python configs/assets/make_demo_towers.py (defaults: 1000 steps of 16 scenes, peak
+lr 4e-3; ~25 min on the shared 2-core box; held-out: object 0.99, shape 0.99, colour 1.00, box L1 0.016 — with lr
+2e-3 the shape read-out was still at 0.58 after 600 steps).
+Writes configs/assets/demo_towers/: a model directory (checkpoint.save_model_dir) holding the demo model's `towers`
+tree and the read-out `heads` (kept so tests/test_demo_towers.py can re-score the towers on unseen scenes).
+Deterministic up to XLA's floating-point reductions; the held-out scores land in its metadata.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from configs import demo
+from sphinx_jax import checkpoint
+from sphinx_jax.config import patch_grid
+from sphinx_jax.data import image as image_data
+from sphinx_jax.data import shapes, tasks
+from sphinx_jax.models.sphinx import Towers, model_images, tower_views
+
+OUT = Path(__file__).with_name("demo_towers")
+PAIRS = tuple((s, c) for s in shapes.SHAPES for c in shapes.COLORS)
+WORLD_SEED = 7  # scenes apart from the demo's training (0) and evaluation (10_000) worlds
+
+
+def dense_labels(frame: tasks.Frame, objects, grid: int):
+  """Per-patch targets of one scene. -> (shape int[g*g], colour int[g*g], box float[g*g, 4], pairs float[18]).
+
+  A patch belongs to the object whose box holds its centre (boxes never overlap: the world keeps them apart);
+  shape and colour are 0 on background and count from 1 in the world's order; box is zero on background.
+  """
+  centres = (np.arange(grid) + 0.5) / grid
+  cx, cy = np.meshgrid(centres, centres)  # row-major like the tokens: row = y, column = x
+  shape = np.zeros((grid, grid), np.int32)
+  colour = np.zeros((grid, grid), np.int32)
+  box = np.zeros((grid, grid, 4), np.float32)
+  pairs = np.zeros(len(PAIRS), np.float32)
+  for o in objects:
+    x1, y1, x2, y2 = frame.normalise(o.box)
+    inside = (cx >= x1) & (cx < x2) & (cy >= y1) & (cy < y2)
+    shape[inside] = shapes.SHAPES.index(o.shape) + 1
+    colour[inside] = list(shapes.COLORS).index(o.color) + 1
+    box[inside] = (x1, y1, x2, y2)
+    pairs[PAIRS.index((o.shape, o.color))] = 1.0
+  return shape.reshape(-1), colour.reshape(-1), box.reshape(-1, 4), pairs
+
+
+def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: int):
+  """Scenes start..start+count-1 -> uint8 pixels [N, S, S, 3] and their stacked dense labels."""
+  pixels, labels = [], []
+  for i in range(start, start + count):
+    img, (w, h), objects = world.scene(i, "shapes")
+    pixels.append(image_data.padded_resize(img, size))
+    labels.append(dense_labels(tasks.Frame(w, h), objects, grid))
+  return np.stack(pixels), tuple(np.stack(part) for part in zip(*labels))
+
+
+class Heads(nn.Module):
+  """Linear read-outs of the towers' outputs (see the module docstring): -> a dict of logits / boxes."""
+
+  @nn.compact
+  def __call__(self, ensemble, queries):
+    grid = ensemble[:, 1:]
+    out = {"object": nn.Dense(1, name="object")(grid)[..., 0],
+           "shape": nn.Dense(len(shapes.SHAPES), name="shape")(grid),
+           "colour": nn.Dense(len(shapes.COLORS), name="colour")(grid),
+           "box": nn.Dense(4, name="box")(grid),
+           "pairs_ensemble": nn.Dense(len(PAIRS), name="pairs_ensemble")(ensemble[:, 0])}
+    if queries is not None:
+      out["pairs_queries"] = nn.Dense(len(PAIRS), name="pairs_queries")(jnp.mean(queries, axis=1))
+    return out
+
+
+def losses(out, labels):
+  """Objectness BCE over all patches; shape and colour cross-entropies and the L1 box error (x10) over object
+  patches only (background would otherwise swamp them); the scene BCEs -> (total, parts)."""
+  shape, colour, box, pairs = labels
+  on = shape > 0
+  count = jnp.maximum(on.sum(), 1)
+  on_object = lambda per_patch: jnp.sum(jnp.where(on, per_patch, 0.0)) / count
+  parts = {"object": optax.sigmoid_binary_cross_entropy(out["object"], on.astype(jnp.float32)).mean(),
+           "shape": on_object(optax.softmax_cross_entropy_with_integer_labels(out["shape"], jnp.maximum(shape - 1, 0))),
+           "colour": on_object(optax.softmax_cross_entropy_with_integer_labels(out["colour"],
+                                                                               jnp.maximum(colour - 1, 0))),
+           "box": 2.5 * on_object(jnp.sum(jnp.abs(out["box"] - box), axis=-1))}
+  for name in ("pairs_ensemble", "pairs_queries"):
+    if name in out:
+      parts[name] = optax.sigmoid_binary_cross_entropy(out[name], pairs).mean()
+  return sum(parts.values()), parts
+
+
+def build(model_config):
+  """-> (towers, heads, forward(params, pixels) -> outputs) for the demo's model config."""
+  towers, heads = Towers(model_config), Heads()
+
+  def forward(params, pixels):
+    small, large = tower_views(model_images(pixels, model_config.image_size), model_config)
+    ensemble, queries = towers.apply({"params": params["towers"]}, small[:, 0], large[:, 0])
+    return heads.apply({"params": params["heads"]}, ensemble, queries)
+  return towers, heads, forward
+
+
+def accuracy(out, labels):
+  """Objectness accuracy over all patches; shape and colour accuracy and the mean box L1 on object patches."""
+  shape, colour, box, _ = labels
+  on = shape > 0
+  return {"object_acc": float(np.mean((np.asarray(out["object"]) > 0) == on)),
+          "shape_acc": float(np.mean(np.argmax(out["shape"], -1)[on] + 1 == shape[on])),
+          "colour_acc": float(np.mean(np.argmax(out["colour"], -1)[on] + 1 == colour[on])),
+          "box_l1": float(np.mean(np.abs(np.asarray(out["box"]) - box)[on]))}
+
+
+def train(steps: int, batch: int, lr: float, seed: int = 0, log=print):
+  """Pre-trains the demo's towers; -> ({"towers": …, "heads": …} params, held-out scores)."""
+  model_config = demo.get_config().model
+  size, grid = model_config.image_size, patch_grid(model_config)
+  world = shapes.World(seed=WORLD_SEED, max_objects=demo.MAX_OBJECTS)
+  towers, heads, forward = build(model_config)
+  pixels, labels = scene_batch(world, 0, 2, size, grid)
+  key_towers, key_heads = jax.random.split(jax.random.key(seed))
+  small, large = tower_views(model_images(pixels, size), model_config)
+  params = {"towers": nn.meta.unbox(towers.init(key_towers, small[:, 0], large[:, 0])["params"])}
+  ensemble, queries = towers.apply({"params": params["towers"]}, small[:, 0], large[:, 0])
+  params["heads"] = heads.init(key_heads, ensemble, queries)["params"]
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps, lr / 10), weight_decay=1e-4)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, pixels, labels):
+    (loss, parts), grads = jax.value_and_grad(lambda p: losses(forward(p, pixels), labels), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, parts
+
+  held_out = scene_batch(world, 10_000_000, 256, size, grid)
+  evaluate = jax.jit(forward)
+  started = time.time()
+  for i in range(steps):
+    pixels, labels = scene_batch(world, i * batch, batch, size, grid)
+    params, opt_state, parts = step(params, opt_state, pixels, labels)
+    if (i + 1) % 50 == 0 or i + 1 == steps:
+      log(f"step {i + 1}/{steps} ({time.time() - started:.0f} s): "
+          + " ".join(f"{k} {float(v):.3f}" for k, v in parts.items()), flush=True)
+  return params, accuracy(evaluate(params, held_out[0]), held_out[1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--lr", type=float, default=4e-3)
+  parser.add_argument("--out", default=str(OUT))
+  args = parser.parse_args()
+  params, scores = train(args.steps, args.batch, args.lr)
+  print("held-out:", " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+  # The read-out heads travel along (tests/test_demo_towers.py re-scores them); training reads only `towers`.
+  # Compressed: the directory lives in git and is read once per run.
+  checkpoint.save_model_dir(args.out, jax.device_get(params), demo.get_config(), overwrite=True, compress=True,
+                            metadata={"made_by": "configs/assets/make_demo_towers.py", "steps": args.steps,
+                                      "batch": args.batch, "lr": args.lr, "held_out": scores})
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

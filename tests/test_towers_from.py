@@ -1,0 +1,73 @@
+"""`train.towers_from`: the `towers` tree of a model directory replaces the initial towers (the decoder keeps its
+own init); towers of another size or with a tower missing are refused with the key and the leaf named."""
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs.sphinx import variant_config
+from sphinx_jax import checkpoint
+from sphinx_jax import sharding as sh
+from sphinx_jax.errors import SphinxError
+from sphinx_jax.train import loop
+
+
+def initial(c):
+  mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
+  rules = sh.rules_from_config(c)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    program = loop.build(c, mesh, rules)
+    return jax.device_get(loop.initial_params(c, program.boxed_init, program.state_shardings.params))
+
+
+def tiny(seed=0, **train):
+  c = variant_config("tiny_sphinx")
+  c.seed = seed
+  c.train.update(train)
+  return c
+
+
+def save_towers(path, params, c):
+  return checkpoint.save_model_dir(path, {"towers": params["towers"]}, c)
+
+
+def assert_trees_equal(a, b):
+  assert checkpoint.flatten(a).keys() == checkpoint.flatten(b).keys()
+  for (path, x), y in zip(checkpoint.flatten(a).items(), checkpoint.flatten(b).values()):
+    np.testing.assert_array_equal(x, y, err_msg=path)
+
+
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory):
+  """(params of seed 1, a model directory holding their towers)."""
+  params = initial(tiny(seed=1))
+  return params, str(save_towers(tmp_path_factory.mktemp("towers") / "donor", params, tiny(seed=1)))
+
+
+def test_towers_come_from_the_directory_and_the_rest_from_the_fresh_init(donor):
+  donor, path = donor
+  fresh = initial(tiny(seed=0))
+  loaded = initial(tiny(seed=0, towers_from=path))
+  assert_trees_equal(loaded["towers"], donor["towers"])
+  assert_trees_equal({k: v for k, v in loaded.items() if k != "towers"},
+                     {k: v for k, v in fresh.items() if k != "towers"})
+  assert not np.array_equal(fresh["towers"]["clip"]["patch_embed"]["kernel"],
+                            donor["towers"]["clip"]["patch_embed"]["kernel"])
+
+
+def test_towers_of_another_width_are_refused_naming_the_leaf(donor, tmp_path):
+  params, _ = donor
+  towers = checkpoint.flatten(params["towers"])
+  leaf = next(p for p in towers if p.startswith("dinov2/") and p.endswith("kernel"))
+  towers[leaf] = np.zeros(towers[leaf].shape[:-1] + (towers[leaf].shape[-1] + 1,), towers[leaf].dtype)
+  path = save_towers(tmp_path / "wider", {"towers": checkpoint.unflatten(towers)}, tiny(seed=1))
+  with pytest.raises(SphinxError, match=rf"config\.train\.towers_from=.*towers/{leaf} has shape"):
+    initial(tiny(towers_from=str(path)))
+
+
+def test_a_missing_tower_is_refused(donor, tmp_path):
+  params, _ = donor
+  towers = {k: v for k, v in params["towers"].items() if k != "qformer"}
+  path = save_towers(tmp_path / "three", {"towers": towers}, tiny(seed=1))
+  with pytest.raises(SphinxError, match=r"towers_from=.*missing \['towers/qformer/"):
+    initial(tiny(towers_from=str(path)))
