@@ -1,4 +1,5 @@
-"""Builders shared by the checkpoint tests: a tiny trained sentencepiece model and tiny random HF LLaMAs.
+"""Builders and checks shared by the checkpoint tests: a tiny trained sentencepiece model, tiny random HF LLaMAs
+and `assert_same_tree` (leaf paths, dtypes, shapes and bits of two parameter trees).
 
 Everything is real: sentencepiece's trainer, transformers 4.57 `LlamaForCausalLM` with every weight (norms
 included) randomised, saved by `save_pretrained`; files are read back with safetensors' own torch loader,
@@ -10,10 +11,13 @@ import io
 import random
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from sphinx_jax import checkpoint
 
 VOCAB = 128
 WORDS = ("red green blue square circle triangle left right above below small large image box point the a of "
@@ -65,3 +69,13 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 def hf_logits(model, tokens) -> torch.Tensor:
   with torch.no_grad():
     return model(torch.as_tensor(tokens)).logits.float()
+
+
+def assert_same_tree(got: dict, want: dict):
+  """Same leaf paths, dtypes, shapes and bits."""
+  got, want = checkpoint.flatten(got), checkpoint.flatten(want)
+  assert sorted(got) == sorted(want)
+  for path, leaf in want.items():
+    ours = np.asarray(got[path])
+    assert ours.dtype == leaf.dtype and ours.shape == leaf.shape, path
+    assert ours.tobytes() == np.ascontiguousarray(leaf).tobytes(), path

@@ -15,22 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint_helpers import assert_same_tree
 from sphinx_jax import checkpoint
 from sphinx_jax.convert import accessory
 from sphinx_jax.errors import SphinxError
 from test_accessory_convert import LLAMA_ARGS, assert_nothing_at, convert, fairscale_split, write_source
 from test_accessory_keys import TINY_TOWERS, convnext_keys, dinov2_keys, head_keys, llm_keys
 from test_accessory_keys import tokenizer_model  # noqa: F401 (a fixture)
-
-
-def assert_same_tree(got: dict, want: dict):
-  """Same leaf paths, dtypes, shapes and bits."""
-  got, want = checkpoint.flatten(got), checkpoint.flatten(want)
-  assert sorted(got) == sorted(want)
-  for path, leaf in want.items():
-    ours = np.asarray(got[path])
-    assert ours.dtype == leaf.dtype and ours.shape == leaf.shape, path
-    assert ours.tobytes() == np.ascontiguousarray(leaf).tobytes(), path
 
 
 @pytest.mark.parametrize("variant,scan", [("sphinx", True), ("sphinx_moe", True), ("sphinx_tiny", False)])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from checkpoint_helpers import assert_same_tree
 from configs.sphinx import variant_config
 from sphinx_jax import checkpoint
 from sphinx_jax import sharding as sh
@@ -31,12 +32,6 @@ def save_towers(path, params, c):
   return checkpoint.save_model_dir(path, {"towers": params["towers"]}, c)
 
 
-def assert_trees_equal(a, b):
-  assert checkpoint.flatten(a).keys() == checkpoint.flatten(b).keys()
-  for (path, x), y in zip(checkpoint.flatten(a).items(), checkpoint.flatten(b).values()):
-    np.testing.assert_array_equal(x, y, err_msg=path)
-
-
 @pytest.fixture(scope="module")
 def donor(tmp_path_factory):
   """(params of seed 1, a model directory holding their towers)."""
@@ -48,8 +43,8 @@ def test_towers_come_from_the_directory_and_the_rest_from_the_fresh_init(donor):
   donor, path = donor
   fresh = initial(tiny(seed=0))
   loaded = initial(tiny(seed=0, towers_from=path))
-  assert_trees_equal(loaded["towers"], donor["towers"])
-  assert_trees_equal({k: v for k, v in loaded.items() if k != "towers"},
+  assert_same_tree(loaded["towers"], donor["towers"])
+  assert_same_tree({k: v for k, v in loaded.items() if k != "towers"},
                      {k: v for k, v in fresh.items() if k != "towers"})
   assert not np.array_equal(fresh["towers"]["clip"]["patch_embed"]["kernel"],
                             donor["towers"]["clip"]["patch_embed"]["kernel"])
