@@ -6,8 +6,10 @@ Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
 Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
 text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
-layers (`unscan_layers`), and unscanned with XLA CPU's default fusions (without the Generator's CPU-only
-`CPU_COMPILER_OPTIONS`), vs HF `generate` (default, and static cache + torch.compile unless --no-torch-compile).
+layers (`unscan_layers`), unscanned with XLA CPU's default fusions (without the Generator's CPU-only
+`CPU_COMPILER_OPTIONS`), and unscanned with the previous single-query attention (dots against the KV cache instead
+of `layers._cached_logits` / `_cached_values`), vs HF `generate` (default, and static cache + torch.compile unless
+--no-torch-compile).
 --quick: a small smoke config (seconds). JAX train-step variants (--variants CE:DENSE:ATTENTION): the
 cross-entropy ('fused' = models/head_loss.py, 'lse' / 'plain' on full logits), and the previous dense products
 and attention backward (kept here so that each change is measured against what it replaced in the same run).
@@ -238,8 +240,24 @@ def xla_default_cpu_options():
     generate.CPU_COMPILER_OPTIONS = saved
 
 
-def decode_contenders(c, batch, hf_models, generators, outputs):
-  """name -> a call generating c["new"] greedy tokens for `batch` prompts; each leaves its ids in outputs[name]."""
+@contextlib.contextmanager
+def dot_attention():
+  """A decode step attends to the KV cache with dots, the previous way (the prefill's einsum and `layers._attend`),
+  instead of `layers._cached_logits` / `_cached_values`; it holds while a Generator traces, so that change is
+  measured in the same run."""
+  saved = layers._cached_logits, layers._cached_values
+  layers._cached_logits = lambda qg, k: jnp.einsum("BKGTH,BKHS->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  layers._cached_values = lambda logits, v: layers._attend(logits, v, "BKSH", "BKGTH")
+  try:
+    yield
+  finally:
+    layers._cached_logits, layers._cached_values = saved
+
+
+def decode_contenders(c, batch, hf_models, generators, outputs, traced_in=None):
+  """name -> a call generating c["new"] greedy tokens for `batch` prompts; each leaves its ids in outputs[name].
+  traced_in: {name: context manager factory} that holds around that generator's calls (its tracing among them)."""
+  traced_in = traced_in or {}
   prompt = np.random.default_rng(1).integers(0, c["vocab"], (batch, c["prompt"]))
   torch_prompt = torch.from_numpy(prompt)
 
@@ -253,7 +271,8 @@ def decode_contenders(c, batch, hf_models, generators, outputs):
 
   def jax_run(name, generator):
     def run():
-      outputs[name] = np.array(generator.generate_ids(prompt.tolist(), max_new_tokens=c["new"]))
+      with traced_in.get(name, contextlib.nullcontext)():
+        outputs[name] = np.array(generator.generate_ids(prompt.tolist(), max_new_tokens=c["new"]))
     return run
 
   return {**{name: hf_run(name, m) for name, m in hf_models.items()},
@@ -353,11 +372,13 @@ def decode_part(c, args, bandwidth):
                 "jax Generator unscanned layers": jax_generator(reference, unscan_layers=True)}
   with xla_default_cpu_options():
     generators["jax unscanned, XLA CPU default options"] = jax_generator(reference, unscan_layers=True)
+  previous_attention = "jax unscanned, attention as dots"
+  generators[previous_attention] = jax_generator(reference, unscan_layers=True)
   streams = stream_contenders()
   warm_up({name: fn for name, (fn, _) in streams.items()})
   for batch in c["decode_batches"]:
     outputs = {}
-    runs = decode_contenders(c, batch, hf_models, generators, outputs)
+    runs = decode_contenders(c, batch, hf_models, generators, outputs, {previous_attention: dot_attention})
     first = warm_up_verbosely(runs)
     best = fastest({**runs, **{name: fn for name, (fn, _) in streams.items()}}, args.iters, warm=False)
     seen = max([bandwidth] + [size / best[name][0] for name, (_, size) in streams.items()])

@@ -171,11 +171,13 @@ def compute_dtype_params(abstract_params, dtype):
 
 
 def cache_shardings(mesh, rules) -> dict:
-  """KV cache of models/llama.py `init_cache`: k, v [L, B, K, S, H]; positions, segments [B, S]; index []."""
+  """KV cache of models/llama.py `init_cache`: k [L, B, K, H, S], v [L, B, K, S, H]; positions, segments [B, S];
+  index []."""
   named = lambda *axes: nn.logical_to_mesh_sharding(PartitionSpec(*axes), mesh, rules)  # noqa: E731
-  kv = named(sh.LAYERS, sh.BATCH, sh.KV_HEADS, sh.LENGTH, sh.HEAD_DIM)
   rows = named(sh.BATCH, sh.LENGTH)
-  return {"k": kv, "v": kv, "positions": rows, "segments": rows, "index": NamedSharding(mesh, PartitionSpec())}
+  return {"k": named(sh.LAYERS, sh.BATCH, sh.KV_HEADS, sh.HEAD_DIM, sh.LENGTH),
+          "v": named(sh.LAYERS, sh.BATCH, sh.KV_HEADS, sh.LENGTH, sh.HEAD_DIM), "positions": rows, "segments": rows,
+          "index": NamedSharding(mesh, PartitionSpec())}
 
 
 # ----------------------------------------------------------------------------------------------- lowering

@@ -318,19 +318,34 @@ def test_remat_policy_changes_what_is_saved(capsys):
 
 
 @pytest.mark.parametrize("queries", [5, 1], ids=["prefill", "step"])
-def test_jax_sdpa_core_and_heads_first_kv_match_the_xla_reference(queries):
+def test_jax_sdpa_core_and_cache_layout_kv_match_the_xla_reference(queries):
   """The cuDNN backend's call (jax.nn.dot_product_attention, here on its XLA path) agrees with our reference, and
-  so does each backend given k, v heads-first ([B, K, S, H], the KV cache's layout)."""
+  so does each backend given k, v in the KV cache's layout (k [B, K, H, S], v [B, K, S, H]); one query takes the
+  decode step's multiply-and-sum path."""
   rng = np.random.default_rng(9)
   q = jnp.asarray(rng.normal(size=(2, queries, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
   mask = layers.attention_mask(arange_positions(2, queries, 6 - queries), arange_positions(2, 7), causal=True)
   expected = np.asarray(layers.dot_product_attention(q, k, v, mask))
-  k_first, v_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  k_cached, v_cached = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
   for got in (_cudnn_attention(q, k, v, mask, implementation="xla"),
-              _cudnn_attention(q, k_first, v_first, mask, implementation="xla", kv_heads_first=True),
-              layers.dot_product_attention(q, k_first, v_first, mask, kv_heads_first=True)):
+              _cudnn_attention(q, k_cached, v_cached, mask, implementation="xla", cache_layout=True),
+              layers.dot_product_attention(q, k_cached, v_cached, mask, cache_layout=True)):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
+
+
+def whole_cache_producers(hlo_block: str, elements: int) -> list[str]:
+  """Names of the instructions in `hlo_block` (one HLO computation) that yield an f32 array of one layer's cache
+  size, in any shape (a reshaped copy counts), other than parameters, tuples and free bitcasts."""
+  names = []
+  for line in hlo_block.splitlines():
+    if "=" not in line or not line.split("=", 1)[1].strip().startswith("f32["):
+      continue
+    dims = line.split("=", 1)[1].strip()[4:].split("]")[0]
+    if dims and np.prod([int(d) for d in dims.split(",")]) == elements and not any(
+        op in line for op in ("parameter(", "get-tuple-element(", "tuple(", " bitcast(")):
+      names.append(line.split("=")[0].strip())
+  return names
 
 
 def test_decode_step_moves_only_the_new_cache_entries():
@@ -340,14 +355,32 @@ def test_decode_step_moves_only_the_new_cache_entries():
   ours, params = ours_from(hf_llama(2), False)
   batch, slots = 3, 40
   cache = init_cache(ours.config, batch, slots, per_layer=True)
+  assert cache["k"][0].shape == (batch, 2, 16, slots) and cache["v"][0].shape == (batch, 2, slots, 16)
   step = jax.jit(lambda p, t, pos, c: ours.apply({"params": p}, t, positions=pos, cache=c), donate_argnums=3)
   hlo = step.lower(params, jnp.zeros((batch, 1), jnp.int32), arange_positions(batch, 1, 9), cache).compile()
-  layer_cache = f"f32[{batch},2,{slots},16]"  # [B, K, S, H]
-  entry = hlo.as_text().split("\nENTRY ")[1].splitlines()[1:]
-  writers = [line.split("=")[0].strip() for line in entry
-             if "=" in line and line.split("=")[1].strip().startswith(layer_cache + "{")
-             and not any(op in line for op in ("parameter(", "get-tuple-element(", "tuple("))]
+  entry = hlo.as_text().split("\nENTRY ")[1]
+  writers = whole_cache_producers(entry, batch * 2 * slots * 16)
   assert len(writers) == 2 * ours.config.n_layers, writers  # one K and one V write per layer
+  assert all("dynamic-update-slice" in w for w in writers), writers
+
+
+def test_generation_loop_copies_no_cache():
+  """Inside the compiled generation loop (a while loop), each step writes each layer's K and V slot in place and
+  nothing else yields a whole layer's cache. Attention as dots made XLA CPU copy the K cache into another layout
+  or duplicate the V write into a copy of the buffer, per layer and step (~32 MB per step at config M)."""
+  ours, params = ours_from(hf_llama(2), True)
+  generator = generator_of(ours, params, unscan_layers=True)
+  prompts, new = [[1, 5, 9, 4]], 16
+  tokens, lengths = generator._prepare(prompts, False, new)
+  hlo = generator._run.lower(generator.params, tokens, lengths, None, None, jax.random.key(0), jnp.float32(0),
+                             jnp.float32(1), jnp.int32(new), stop_table([]), new).compile().as_text()
+  slots = tokens.shape[1] + new
+  loop = [line for line in hlo.splitlines() if " while(" in line and f"f32[1,2,16,{slots}]" in line]
+  assert len(loop) == 1, loop
+  body = loop[0].split("body=")[1].split(",")[0].strip()
+  block = hlo.split(f"\n{body} ")[1].split("\n}")[0]
+  writers = whole_cache_producers(block, 2 * slots * 16)
+  assert len(writers) == 2 * ours.config.n_layers, writers
   assert all("dynamic-update-slice" in w for w in writers), writers
 
 

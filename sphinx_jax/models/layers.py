@@ -127,37 +127,63 @@ def attention_mask(q_positions, kv_positions, *, causal=True, kv_valid=None, q_s
   return mask
 
 
-def dot_product_attention(q, k, v, mask=None, *, scale=None, kv_heads_first=False):
+def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False):
   """softmax(q k^T * scale) v with GQA by repeat-interleave (KV head j serves query heads jG..jG+G-1).
 
   The plain XLA backend, the reference the accelerator backends are checked against. Logits and softmax in
-  fp32. Args: q [B, T, N, H], k and v [B, S, K, H] ([B, K, S, H] with kv_heads_first, the KV cache's layout),
-  mask bool broadcastable to [B, T, S] (or [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
+  fp32. Args: q [B, T, N, H], k and v [B, S, K, H] (with cache_layout, the KV cache's layout of
+  models/llama.py `init_cache`: k [B, K, H, S], v [B, K, S, H]), mask bool broadcastable to [B, T, S] (or
+  [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[1 if kv_heads_first else 2]
+  kv_heads = k.shape[1 if cache_layout else 2]
   groups = n // kv_heads
   scale = h ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, groups, h)
-  if t > 1 or kv_heads_first:
+  k_spec = "BKHS" if cache_layout else "BKSH"
+  if t > 1 or cache_layout:
     # Heads first, contracted axis last: XLA CPU then runs plain batched matmuls (the same contractions with the
     # heads in the middle ran 1.5-2x slower at training and prefill shapes, and a decode step copied the whole
     # cache into this layout first); TPU's layout pass is indifferent.
     qg = qg.transpose(0, 2, 3, 1, 4)
-    if not kv_heads_first:
+    if not cache_layout:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    q_spec, kv_spec = "BKGTH", "BKSH"
+    q_spec, v_spec = "BKGTH", "BKSH"
   else:  # one query, keys [B, S, K, H]: contract them where they lie; a transpose would copy all of them
-    q_spec, kv_spec = "BTKGH", "BSKH"
-  logits = jnp.einsum(f"{q_spec},{kv_spec}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    q_spec, k_spec, v_spec = "BTKGH", "BSKH", "BSKH"
+  single_query = cache_layout and t == 1
+  if single_query:
+    logits = _cached_logits(qg, k) * scale
+  else:
+    logits = jnp.einsum(f"{q_spec},{k_spec}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     if mask.ndim == 3:
       mask = mask[:, None, None]
     else:  # [B, N, T, S]
       mask = mask.reshape(b, kv_heads, groups, t, -1) if mask.shape[1] == n else mask[:, :, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  out = _attend(logits, v, kv_spec, q_spec)
+  out = _cached_values(logits, v) if single_query else _attend(logits, v, v_spec, q_spec)
   return (out.transpose(0, 3, 1, 2, 4) if q_spec == "BKGTH" else out).reshape(b, t, n, h)
+
+
+# A decode step's attention against the KV cache (one query) multiplies and sums over the cache in fusions instead
+# of dots. As dots inside the generation loop, XLA CPU either copied each layer's K cache into another layout at
+# every step ([B, K, S, H] keys) or duplicated each layer's in-place cache update into a copy of the whole buffer
+# (the dot reads the updated cache through a reshape); at bench/decoder.py's config M, batch 1, that was ~32 MB
+# of copies per step, and the step (random weights) ran 27.1 -> 22.3 ms without them. Keys are stored [B, K, H, S]
+# so that both sums run over a major axis, vectorised along the minor one (a sum over H as the minor axis cost ~1 ms
+# per layer).
+# On TPU these are memory-bound VPU reductions over the same bytes as the batched matvec (not measured there).
+def _cached_logits(qg, k):
+  """q k^T for one query: qg [B, K, G, 1, H], k [B, K, H, S] -> float32[B, K, G, 1, S]."""
+  return jnp.sum(qg[..., None].astype(jnp.float32) * k[:, :, None, None].astype(jnp.float32), axis=-2)
+
+
+def _cached_values(logits, v):
+  """softmax(logits) v for one query: logits float32[B, K, G, 1, S], v [B, K, S, H] -> [B, K, G, 1, H], v's
+  dtype (summed in float32, as the dot accumulates)."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.sum(probs[..., None] * v[:, :, None, None].astype(jnp.float32), axis=-2).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

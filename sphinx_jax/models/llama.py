@@ -6,9 +6,10 @@ heads, K KV heads, H head dim, F FFN width, V vocab.
 In:  tokens int[B, T] or embeddings float[B, T, D] (SPHINX feeds its image-token prefix this way), positions
      int[B, T] (RoPE angle and causal order), segment_ids int[B, T] (0 = padding; packing keeps segments apart).
 Out: logits float[B, T, V] (float[B, 1, V] with last_only) and the updated cache (None without one).
-KV cache (static shapes; `init_cache`): {"k", "v": [L, B, K, S, H] (or lists of L [B, K, S, H], per_layer),
-"positions", "segments": int[B, S], "index": int32[]}; a call writes its T entries at slots index..index+T-1, so
-a prefill of P tokens is followed by single-token steps. Empty slots carry segment 0 and are masked out.
+KV cache (static shapes; `init_cache`): {"k": [L, B, K, H, S], "v": [L, B, K, S, H] (or lists of L per-layer
+arrays, per_layer), "positions", "segments": int[B, S], "index": int32[]}; a call writes its T entries at slots
+index..index+T-1, so a prefill of P tokens is followed by single-token steps. Empty slots carry segment 0 and are
+masked out.
 Not ported: fairscale model parallelism (sharding comes from the logical axes), the original's float mask
 argument (masks come from positions and segment ids).
 """
@@ -34,17 +35,17 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
-def _cudnn_attention(q, k, v, mask, implementation="cudnn", kv_heads_first=False):
+def _cudnn_attention(q, k, v, mask, implementation="cudnn", cache_layout=False):
   """jax.nn.dot_product_attention (GQA native); mask bool[B, T, S] broadcast over heads. It takes k, v as
-  [B, S, K, H] only, so a heads-first cache is transposed back (a copy per call; measure on a GPU)."""
-  if kv_heads_first:
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  [B, S, K, H] only, so the cache's layout is transposed back (a copy per call; measure on a GPU)."""
+  if cache_layout:
+    k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
 def attention_backend(name: str):
   """The attention core named by `config.attention`: (q [B,T,N,H], k, v [B,S,K,H], mask bool[B,T,S],
-  kv_heads_first=False: k, v are [B,K,S,H] instead) -> [B,T,N,H]."""
+  cache_layout=False: k [B,K,H,S] and v [B,K,S,H] instead, as `init_cache` holds them) -> [B,T,N,H]."""
   if name == "xla":
     return layers.dot_product_attention
   if name == "cudnn":
@@ -61,28 +62,29 @@ def attention_backend(name: str):
 def init_cache(llm, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False):
   """An empty KV cache for `length` positions (prompt + new tokens), every slot invalid (segment 0).
 
-  Heads first ([B, K, S, H]): the attention contracts each head's [S, H] block as it lies; with [B, S, K, H]
-  XLA CPU copied every layer's whole cache into that layout at each decode step (the attention core at config M,
-  batch 8, 256 slots: 4.7 ms -> 0.8 ms per layer), and on TPU (S, H) are the tiled minor dims either way.
-  per_layer (unscanned decoders only): "k", "v" are lists of L arrays [B, K, S, H], so that a decode step
+  Heads first, values [B, K, S, H] and keys transposed, [B, K, H, S]: the attention reads each head's block as
+  it lies; with [B, S, K, H] XLA CPU copied every layer's whole cache into another layout at each decode step
+  (the attention core at config M, batch 8, 256 slots: 4.7 ms -> 0.8 ms per layer). Keys [B, K, H, S] let a
+  decode step's q k^T sum over a major axis (`layers._cached_logits`; with [B, K, S, H] keys XLA CPU either
+  transposed each layer's K cache per step or, summing over H, ran ~1 ms per layer at config M), and make the
+  prefill's q k^T a plain [T, H] x [H, S] product. On TPU both trailing pairs are tiled minor dims.
+  per_layer (unscanned decoders only): "k", "v" are lists of L per-layer arrays, so that a decode step
   updates each layer's buffer in place; a stacked [L, ...] buffer is sliced per layer and re-stacked, i.e.
   copied whole, at every step of an unscanned decoder.
   """
-  shape = (batch, llm.n_kv_heads, length, llm.dim // llm.n_heads)
+  head_dim = llm.dim // llm.n_heads
+  shapes = {"k": (batch, llm.n_kv_heads, head_dim, length), "v": (batch, llm.n_kv_heads, length, head_dim)}
   if per_layer:
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(llm.n_layers)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(llm.n_layers)],
-            "positions": jnp.zeros((batch, length), jnp.int32), "segments": jnp.zeros((batch, length), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
-  shape = (llm.n_layers, *shape)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "positions": jnp.zeros((batch, length), jnp.int32), "segments": jnp.zeros((batch, length), jnp.int32),
-          "index": jnp.zeros((), jnp.int32)}
+    buffers = {n: [jnp.zeros(shape, dtype) for _ in range(llm.n_layers)] for n, shape in shapes.items()}
+  else:
+    buffers = {n: jnp.zeros((llm.n_layers, *shape), dtype) for n, shape in shapes.items()}
+  return dict(buffers, positions=jnp.zeros((batch, length), jnp.int32),
+              segments=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def _write(buffer, values, index, axis=1):
   """Writes values into buffer at slots index..index+T-1 of `axis` (values [B, T] into [B, S]; [B, K, T, H]
-  into [B, K, S, H] with axis 2)."""
+  into [B, K, S, H] with axis 2; [B, K, H, T] into [B, K, H, S] with axis 3)."""
   return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), index, axis=axis)
 
 
@@ -105,11 +107,11 @@ class Attention(nn.Module):
     k = layers.apply_rope(k.reshape(b, t, c.n_kv_heads, h), positions, c.rope_theta, c.rope_scaling)
     v = v.reshape(b, t, c.n_kv_heads, h)
     new_cache = None
-    if layer_cache is not None:  # the cache is heads-first (`init_cache`); only the T new entries move
-      new_cache = {n: _write(layer_cache[n], new.transpose(0, 2, 1, 3), cache_index, axis=2)
-                   for n, new in (("k", k), ("v", v))}
+    if layer_cache is not None:  # in the cache's layout (`init_cache`); only the T new entries move
+      new_cache = {"k": _write(layer_cache["k"], k.transpose(0, 2, 3, 1), cache_index, axis=3),
+                   "v": _write(layer_cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
       k, v = new_cache["k"], new_cache["v"]
-    out = attention_backend(c.attention)(q, k, v, mask, kv_heads_first=layer_cache is not None)
+    out = attention_backend(c.attention)(q, k, v, mask, cache_layout=layer_cache is not None)
     return proj(d, (sh.HEADS, sh.EMBED), "out")(out.reshape(b, t, c.n_heads * h)), new_cache
 
 
