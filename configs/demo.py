@@ -1,9 +1,10 @@
 """The demo: a tiny SPHINX (all four towers, 1 view at 224 px, patch 28, a 4-layer decoder) trained on the
 synthetic world's task mixture (scenes of 1-3 shapes, up to 4 questions per image). Its frozen towers come
 pre-trained on the same world (configs/assets/demo_towers, made by configs/assets/make_demo_towers.py), standing in
-for the released towers' pretraining. 1000 steps: 474 s on the quiet 2-core box (2026-11-28); held-out VQA goes
-0 -> 0.51 -> 0.60 (answering from the question alone: 0.42; colour 0.95, shape 0.74, count 0.27, left/right 0.44);
-REC (IoU >= 0.5) stays near 0: the predicted boxes start to follow the objects but are not yet on them (NOTES.md).
+for the released towers' pretraining (their read-outs include the box as the answers print it, and per-shape
+counts). 1000 steps: ~8 min on the quiet 2-core box (474-510 s, 2026-11-28); held-out VQA goes 0 -> 0.59 -> 0.66
+(answering from the question alone: 0.42; colour 0.95, shape 0.77, count 0.46, left/right 0.39); REC (IoU >= 0.5)
+only reaches 0.06 (mean IoU 0.14): the predicted boxes follow the objects but are rarely on them (NOTES.md).
 
 Run: sphinx-jax train --config configs/demo.py --workdir runs/demo
 Data: generated on the fly by sphinx_jax/data/shapes.py (no downloads); tokenizer: configs/assets/

@@ -86,5 +86,7 @@ def test_rec_maps_back_through_the_padding(size, gt, right, unshifted):
 def test_rec_threshold_and_malformed():
   assert metrics.rec_correct("[0.10,0.00,0.60,0.50]", [0, 0, 50, 50], 100, 100) == 1.0  # IoU 2000/3000
   assert metrics.rec_correct("[0.25,0.00,0.75,0.50]", [0, 0, 50, 50], 100, 100) == 0.0  # IoU 1250/3750
+  assert metrics.rec_iou("[0.25,0.00,0.75,0.50]", [0, 0, 50, 50], 100, 100) == 1250 / 3750
+  assert metrics.rec_iou("no box", [0, 0, 50, 50], 100, 100) == 0.0
   for bad in ["[0.1,0.2]", "no box", "[a,b,c,d]", ""]:
     assert metrics.rec_correct(bad, [0, 0, 50, 50], 100, 100) == 0.0

@@ -9,13 +9,22 @@ SPHINX stage learns to read features the way the original's does.
 Objective (linear read-out heads on the towers' outputs; training the demo reads only the towers):
   each grid token of the fused stream [CLIP | ConvNeXt | DINOv2] (the demo's 8x8 grid at patch 28) predicts
     whether an object covers its patch centre and, on object patches, that object's shape (3), colour (6) and box
-    (x1, y1, x2, y2 in [0, 1] of the padded square);
+    (x1, y1, x2, y2 in [0, 1] of the padded square), the box both as numbers and as the 12 digits a REC answer
+    prints ("0.52" -> 0, 5, 2 per coordinate; 10 classes each);
   the fused stream's first token and the mean Q-Former query each predict which (shape, colour) pairs the scene
-    holds (18 binary labels: the world draws distinct pairs, so they also give the counts).
+    holds (18 binary labels) and how many of each shape (0..MAX_OBJECTS, a class per shape).
+Why the digits and counts: with the box only as numbers, the demo's dim-128 decoder never learned to print boxes
+(REC mean IoU 0.03-0.06 after 400 steps of REC alone): the towers carried the box in 0.5% of their output variance
+(colour 41%, shape 19%), and turning a continuous feature into decimal digits is slow for a tiny decoder. Asking
+for the answers' own digits (and counts) brings those closer to a look-up-and-copy, like colour. With these
+towers the 1000-step demo reached REC 0.06 (mean IoU 0.14), VQA 0.66 and counting 0.46, against 0.00, 0.60 and
+0.27 before (one run each, 96 samples; NOTES.md). A read-out that forced the box 5x louder (6% of the variance)
+squeezed shape out (0.63) and did worse (VQA 0.51, REC 0.01).
 
 Run from the repository root: python configs/assets/make_demo_towers.py (defaults: 1000 steps of 16 scenes, peak
-lr 4e-3; ~25 min on the shared 2-core box; held-out: object 0.99, shape 0.99, colour 1.00, box L1 0.016 — with lr
-2e-3 the shape read-out was still at 0.58 after 600 steps).
+lr 4e-3; ~25 min on the shared 2-core box; held-out: object 0.99, shape 0.98, colour 1.00, box L1 0.016, printed
+digits 0.61 (a coordinate within 0.02 in print: 0.39; metadata.json says 0.33, from a float comparison fixed
+since), counts 0.65 — with lr 2e-3 the shape read-out was still at 0.58 after 600 steps).
 Writes configs/assets/demo_towers/: a model directory (checkpoint.save_model_dir) holding the demo model's `towers`
 tree and the read-out `heads` (kept so tests/test_demo_towers.py can re-score the towers on unseen scenes).
 Deterministic up to XLA's floating-point reductions; the held-out scores land in its metadata.json.
@@ -41,29 +50,44 @@ from sphinx_jax.models.sphinx import Towers, model_images, tower_views
 
 OUT = Path(__file__).with_name("demo_towers")
 PAIRS = tuple((s, c) for s in shapes.SHAPES for c in shapes.COLORS)
+DIGITS = 12  # 4 coordinates x 3 printed digits ("0.52")
+COUNTS = demo.MAX_OBJECTS + 1  # how many of one shape a scene holds: 0..MAX_OBJECTS
 WORLD_SEED = 7  # scenes apart from the demo's training (0) and evaluation (10_000) worlds
 
 
-def dense_labels(frame: tasks.Frame, objects, grid: int):
-  """Per-patch targets of one scene. -> (shape int[g*g], colour int[g*g], box float[g*g, 4], pairs float[18]).
+def printed_digits(norm_box) -> list[int]:
+  """A box in [0, 1] -> the 12 digits its REC answer prints ('0.52' -> 0, 5, 2 for each of x1, y1, x2, y2)."""
+  return [int(ch) for ch in tasks.format_coords(norm_box) if ch.isdigit()]
 
-  A patch belongs to the object whose box holds its centre (boxes never overlap: the world keeps them apart);
-  shape and colour are 0 on background and count from 1 in the world's order; box is zero on background.
+
+def dense_labels(frame: tasks.Frame, objects, grid: int) -> dict[str, np.ndarray]:
+  """Per-patch and per-scene targets of one scene:
+    shape, colour int[g*g]: 0 on background, counting from 1 in the world's order;
+    box float[g*g, 4]: the object's box in the padded square (zero on background);
+    digits int[g*g, 12]: the digits of that box as answers print it (`printed_digits`; zero on background);
+    pairs float[18]: which (shape, colour) pairs the scene holds; counts int[3]: how many of each shape.
+
+  A patch belongs to the object whose box holds its centre (boxes never overlap: the world keeps them apart).
   """
   centres = (np.arange(grid) + 0.5) / grid
   cx, cy = np.meshgrid(centres, centres)  # row-major like the tokens: row = y, column = x
   shape = np.zeros((grid, grid), np.int32)
   colour = np.zeros((grid, grid), np.int32)
   box = np.zeros((grid, grid, 4), np.float32)
+  digits = np.zeros((grid, grid, DIGITS), np.int32)
   pairs = np.zeros(len(PAIRS), np.float32)
   for o in objects:
-    x1, y1, x2, y2 = frame.normalise(o.box)
+    norm = frame.normalise(o.box)
+    x1, y1, x2, y2 = norm
     inside = (cx >= x1) & (cx < x2) & (cy >= y1) & (cy < y2)
     shape[inside] = shapes.SHAPES.index(o.shape) + 1
     colour[inside] = list(shapes.COLORS).index(o.color) + 1
-    box[inside] = (x1, y1, x2, y2)
+    box[inside] = norm
+    digits[inside] = printed_digits(norm)
     pairs[PAIRS.index((o.shape, o.color))] = 1.0
-  return shape.reshape(-1), colour.reshape(-1), box.reshape(-1, 4), pairs
+  counts = pairs.reshape(len(shapes.SHAPES), len(shapes.COLORS)).sum(axis=1).astype(np.int32)
+  return {"shape": shape.reshape(-1), "colour": colour.reshape(-1), "box": box.reshape(-1, 4),
+          "digits": digits.reshape(-1, DIGITS), "pairs": pairs, "counts": counts}
 
 
 def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: int):
@@ -73,7 +97,7 @@ def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: in
     img, (w, h), objects = world.scene(i, "shapes")
     pixels.append(image_data.padded_resize(img, size))
     labels.append(dense_labels(tasks.Frame(w, h), objects, grid))
-  return np.stack(pixels), tuple(np.stack(part) for part in zip(*labels))
+  return np.stack(pixels), {key: np.stack([label[key] for label in labels]) for key in labels[0]}
 
 
 class Heads(nn.Module):
@@ -86,27 +110,34 @@ class Heads(nn.Module):
            "shape": nn.Dense(len(shapes.SHAPES), name="shape")(grid),
            "colour": nn.Dense(len(shapes.COLORS), name="colour")(grid),
            "box": nn.Dense(4, name="box")(grid),
-           "pairs_ensemble": nn.Dense(len(PAIRS), name="pairs_ensemble")(ensemble[:, 0])}
+           "digits": nn.Dense(DIGITS * 10, name="digits")(grid).reshape(*grid.shape[:2], DIGITS, 10)}
+    scene = {"ensemble": ensemble[:, 0]}
     if queries is not None:
-      out["pairs_queries"] = nn.Dense(len(PAIRS), name="pairs_queries")(jnp.mean(queries, axis=1))
+      scene["queries"] = jnp.mean(queries, axis=1)
+    for name, features in scene.items():
+      out[f"pairs_{name}"] = nn.Dense(len(PAIRS), name=f"pairs_{name}")(features)
+      out[f"counts_{name}"] = nn.Dense(COUNTS * len(shapes.SHAPES), name=f"counts_{name}")(features).reshape(
+          -1, len(shapes.SHAPES), COUNTS)
     return out
 
 
 def losses(out, labels):
-  """Objectness BCE over all patches; shape and colour cross-entropies and the L1 box error (x10) over object
-  patches only (background would otherwise swamp them); the scene BCEs -> (total, parts)."""
-  shape, colour, box, pairs = labels
-  on = shape > 0
+  """Objectness BCE over all patches; shape, colour and printed-digit cross-entropies and the L1 box error (x2.5)
+  over object patches only (background would otherwise swamp them); the scene BCEs and count cross-entropies
+  -> (total, parts)."""
+  on = labels["shape"] > 0
   count = jnp.maximum(on.sum(), 1)
   on_object = lambda per_patch: jnp.sum(jnp.where(on, per_patch, 0.0)) / count
+  class_loss = optax.softmax_cross_entropy_with_integer_labels
   parts = {"object": optax.sigmoid_binary_cross_entropy(out["object"], on.astype(jnp.float32)).mean(),
-           "shape": on_object(optax.softmax_cross_entropy_with_integer_labels(out["shape"], jnp.maximum(shape - 1, 0))),
-           "colour": on_object(optax.softmax_cross_entropy_with_integer_labels(out["colour"],
-                                                                               jnp.maximum(colour - 1, 0))),
-           "box": 2.5 * on_object(jnp.sum(jnp.abs(out["box"] - box), axis=-1))}
-  for name in ("pairs_ensemble", "pairs_queries"):
-    if name in out:
-      parts[name] = optax.sigmoid_binary_cross_entropy(out[name], pairs).mean()
+           "shape": on_object(class_loss(out["shape"], jnp.maximum(labels["shape"] - 1, 0))),
+           "colour": on_object(class_loss(out["colour"], jnp.maximum(labels["colour"] - 1, 0))),
+           "box": 2.5 * on_object(jnp.sum(jnp.abs(out["box"] - labels["box"]), axis=-1)),
+           "digits": on_object(class_loss(out["digits"], labels["digits"]).mean(axis=-1))}
+  for name in ("ensemble", "queries"):
+    if f"pairs_{name}" in out:
+      parts[f"pairs_{name}"] = optax.sigmoid_binary_cross_entropy(out[f"pairs_{name}"], labels["pairs"]).mean()
+      parts[f"counts_{name}"] = class_loss(out[f"counts_{name}"], labels["counts"]).mean()
   return sum(parts.values()), parts
 
 
@@ -122,13 +153,18 @@ def build(model_config):
 
 
 def accuracy(out, labels):
-  """Objectness accuracy over all patches; shape and colour accuracy and the mean box L1 on object patches."""
-  shape, colour, box, _ = labels
-  on = shape > 0
+  """Objectness accuracy over all patches; on object patches: shape and colour accuracy, the mean box L1, the
+  share of printed digits right and of printed coordinates within 0.02; per scene: count accuracy."""
+  on = labels["shape"] > 0
+  digits = np.argmax(out["digits"], -1)[on]
+  hundredths = lambda d: d.reshape(-1, 4, 3) @ np.array([100, 10, 1])  # digits -> the 4 printed values x 100
   return {"object_acc": float(np.mean((np.asarray(out["object"]) > 0) == on)),
-          "shape_acc": float(np.mean(np.argmax(out["shape"], -1)[on] + 1 == shape[on])),
-          "colour_acc": float(np.mean(np.argmax(out["colour"], -1)[on] + 1 == colour[on])),
-          "box_l1": float(np.mean(np.abs(np.asarray(out["box"]) - box)[on]))}
+          "shape_acc": float(np.mean(np.argmax(out["shape"], -1)[on] + 1 == labels["shape"][on])),
+          "colour_acc": float(np.mean(np.argmax(out["colour"], -1)[on] + 1 == labels["colour"][on])),
+          "box_l1": float(np.mean(np.abs(np.asarray(out["box"]) - labels["box"])[on])),
+          "digits_acc": float(np.mean(digits == labels["digits"][on])),
+          "printed_within_0.02": float(np.mean(np.abs(hundredths(digits) - hundredths(labels["digits"][on])) <= 2)),
+          "counts_acc": float(np.mean(np.argmax(out["counts_ensemble"], -1) == labels["counts"]))}
 
 
 def train(steps: int, batch: int, lr: float, seed: int = 0, log=print):

@@ -191,10 +191,15 @@ def mmbench_circular(rows) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- REC
-def rec_correct(prediction: str, box, width: int, height: int, threshold: float = 0.5) -> float:
-  """1 when the reply's first box, mapped from the padded square to W x H pixels, has IoU >= 0.5 with
-  `box` ([x1, y1, x2, y2] pixels of the original image)."""
+def rec_iou(prediction: str, box, width: int, height: int) -> float:
+  """IoU of the reply's first box, mapped from the padded square to W x H pixels, with `box` ([x1, y1, x2, y2]
+  pixels of the original image); 0 when the reply holds no box."""
   pred = tasks.first_box(tasks.short_answer(prediction))
   if pred is None:
     return 0.0
-  return float(tasks.iou(tasks.Frame(width, height).to_pixels(pred), box) >= threshold)
+  return tasks.iou(tasks.Frame(width, height).to_pixels(pred), box)
+
+
+def rec_correct(prediction: str, box, width: int, height: int, threshold: float = 0.5) -> float:
+  """1 when `rec_iou` reaches the threshold (REC accuracy at IoU >= 0.5), else 0."""
+  return float(rec_iou(prediction, box, width, height) >= threshold)

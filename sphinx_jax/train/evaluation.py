@@ -6,7 +6,8 @@ Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our syntheti
   vqa/prior_baseline  the same score for answering every question with its type's most frequent answer in
                 another sample of the world: what reading the question alone achieves, the bar image use must clear;
   rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
-                IoU >= 0.5 with the ground-truth box.
+                IoU >= 0.5 with the ground-truth box;
+  rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold.
 A few predictions per task are drawn (inference/render.py) into WORKDIR/predictions/step_N/ and TensorBoard.
 The Generator is built once, so evaluations after the first reuse its compiled programs.
 """
@@ -50,8 +51,6 @@ def vqa_scores(answers, truths, prior: dict[str, str]) -> dict[str, float]:
   return scores
 
 
-
-
 class Evaluator:
   """Scores a model's params on `config.eval` (tasks, num_samples, world_seed, domain, max_new_tokens, batch)."""
 
@@ -85,8 +84,8 @@ class Evaluator:
       if task == "vqa":
         scores.update(vqa_scores(answers, truths, self.prior))
       else:
-        scores["rec/accuracy"] = float(np.mean([metrics.rec_correct(a, t["box"], *t["size"])
-                                                for a, t in zip(answers, truths)]))
+        ious = np.array([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)])
+        scores.update({"rec/accuracy": float(np.mean(ious >= 0.5)), "rec/mean_iou": float(np.mean(ious))})
       if log is not None:
         self._draw(task, samples, answers, out_dir, log, step)
     return scores
