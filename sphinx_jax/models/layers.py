@@ -140,7 +140,6 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False)
   groups = n // kv_heads
   scale = h ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, groups, h)
-  k_spec = "BKHS" if cache_layout else "BKSH"
   if t > 1 or cache_layout:
     # Heads first, contracted axis last: XLA CPU then runs plain batched matmuls (the same contractions with the
     # heads in the middle ran 1.5-2x slower at training and prefill shapes, and a decode step copied the whole
@@ -148,7 +147,7 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False)
     qg = qg.transpose(0, 2, 3, 1, 4)
     if not cache_layout:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    q_spec, v_spec = "BKGTH", "BKSH"
+    q_spec, k_spec, v_spec = "BKGTH", "BKHS" if cache_layout else "BKSH", "BKSH"
   else:  # one query, keys [B, S, K, H]: contract them where they lie; a transpose would copy all of them
     q_spec, k_spec, v_spec = "BTKGH", "BSKH", "BSKH"
   single_query = cache_layout and t == 1
