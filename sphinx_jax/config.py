@@ -140,12 +140,13 @@ def dataset_config(kind, path, ratio=1.0, **fields) -> ml_collections.ConfigDict
   annotations, VQAv2 questions, text file/folder, or prepared directory ("" for synthetic). fields: image_root,
   task (coco: detection | rec | reg | pose | layout; synthetic: a world task or a tuple of them), refs (coco
   rec/reg), annotations (vqav2), split (arrayrecord), group (image | text; default text for kind text, else
-  image), seed / domain / length / turns / max_objects (synthetic: the world's seed, "flat" | "textured",
-  records per epoch, questions per record, shapes per scene at most).
+  image), seed / domain / length / turns / max_objects / object_sides (synthetic: the world's seed, "flat" |
+  "textured", records per epoch, questions per record, shapes per scene at most, (lo, hi) side of a shape as a
+  fraction of the image's shorter side).
   """
   c = ml_collections.ConfigDict(dict(kind=kind, path=path, ratio=float(ratio), image_root=None, task=None,
                                      refs=None, annotations=None, split=None, group=None, seed=None, domain=None,
-                                     length=None, turns=None, max_objects=None))
+                                     length=None, turns=None, max_objects=None, object_sides=None))
   c.update(fields)
   return c
 
@@ -263,7 +264,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def eval_config(**overrides) -> ml_collections.ConfigDict:
   """The `eval` section of training: held-out synthetic-world samples scored by train/evaluation.py."""
   c = ml_collections.ConfigDict(dict(tasks=("vqa", "rec"), num_samples=64, world_seed=10_000, domain="flat",
-                                     max_objects=5, max_new_tokens=24, batch=16, num_drawn=4))
+                                     max_objects=5, object_sides=None, max_new_tokens=24, batch=16, num_drawn=4))
   c.update(overrides)
   return c
 

@@ -50,7 +50,7 @@ def test_the_committed_towers_fit_the_demo_model():
 def test_the_committed_towers_describe_unseen_scenes():
   c = demo.get_config()
   params = checkpoint.load_model_dir(c.train.towers_from)[0]
-  world = shapes.World(seed=12_345, max_objects=demo.MAX_OBJECTS)
+  world = shapes.World(seed=12_345, max_objects=demo.MAX_OBJECTS, object_sides=demo.OBJECT_SIDES)
   pixels, labels = towers_script.scene_batch(world, 0, 48, c.model.image_size, patch_grid(c.model))
   scores = towers_script.accuracy(jax.jit(towers_script.build(c.model)[2])(params, pixels), labels)
   # chance: shape 1/3, colour 1/6 (random towers: 59-64% shape at patch 14, NOTES.md); a box error of 0.03 is

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sphinx_jax.data import shapes, tasks
+from sphinx_jax import config as cfg
+from sphinx_jax.data import shapes, sources, tasks
 from sphinx_jax.errors import SphinxError
 
 
@@ -121,9 +122,31 @@ def test_document_blocks_match_pixels():
     assert not (ink & ~covered).any()  # no ink outside the blocks
 
 
+def test_object_sides_bound_each_shape():
+  for sides in ((0.14, 0.3), (0.3, 0.45)):
+    world = shapes.World(seed=4, max_objects=3, object_sides=sides)
+    for i in range(20):
+      _, (w, h), objects = world.scene(i, "shapes")
+      assert objects
+      for o in objects:
+        side = o.box[2] - o.box[0]
+        assert int(sides[0] * min(w, h)) <= side <= int(sides[1] * min(w, h)), (sides, i, o)
+  default = shapes.World(seed=4, max_objects=3).sample(3, "rec")
+  assert default[1] == shapes.World(seed=4, max_objects=3, object_sides=shapes.OBJECT_SIDES).sample(3, "rec")[1]
+
+
+def test_synthetic_source_passes_object_sides():
+  config = cfg.dataset_config("synthetic", "", task="rec", seed=2, max_objects=2, object_sides=(0.35, 0.4))
+  record = sources.open_source("rec", config)[5]
+  _, expected, _ = shapes.World(seed=2, max_objects=2, object_sides=(0.35, 0.4)).sample(5, "rec")
+  assert record == expected
+
+
 def test_bad_arguments():
   with pytest.raises(SphinxError, match="unknown domain 'noisy'"):
     shapes.World(domain="noisy")
+  with pytest.raises(SphinxError, match=r"object_sides=\(0.5, 0.2\)"):
+    shapes.World(object_sides=(0.5, 0.2))
   with pytest.raises(SphinxError, match="no task 'ocr'"):
     shapes.World().sample(0, "ocr")
 

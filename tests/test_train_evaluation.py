@@ -1,4 +1,5 @@
-"""Training evaluation's VQA scores: accuracy per question type and the prior-only baseline (hand-computed)."""
+"""Training evaluation's scores, hand-computed: VQA accuracy per question type and the prior-only baseline; REC
+accuracy, mean IoU and accuracy per number of shapes in the scene."""
 import collections
 
 import pytest
@@ -17,6 +18,15 @@ def test_vqa_scores_by_hand():
                     "vqa/accuracy/how_many": 0.5, "vqa/accuracy/is_the": 1.0}
 
 
+def test_rec_scores_by_hand():
+  truths = [{"objects": ["a"]}, {"objects": ["a", "b"]}, {"objects": ["a", "b"]}, {"objects": ["a"]}]
+  scores = evaluation.rec_scores([0.5, 0.9, 0.2, 0.0], truths)
+  assert scores == {"rec/accuracy": 0.5, "rec/mean_iou": pytest.approx(0.4), "rec/accuracy/objects_1": 0.5,
+                    "rec/accuracy/objects_2": 0.5}
+  scores = evaluation.rec_scores([0.1, 0.9, 0.6, 0.49], truths)
+  assert (scores["rec/accuracy/objects_1"], scores["rec/accuracy/objects_2"]) == (0.0, 1.0)
+
+
 def test_prior_answers_are_each_types_most_frequent():
   world = shapes.World(seed=5, max_objects=3)
   prior = evaluation.prior_answers(world, n=60)
@@ -27,6 +37,16 @@ def test_prior_answers_are_each_types_most_frequent():
   assert set(prior) == set(counts)
   for kind, answer in prior.items():
     assert counts[kind][answer] == max(counts[kind].values())
+
+
+def test_evaluation_world_follows_eval_config():
+  from configs.demo import get_config
+  config = get_config()
+  config.eval.update(num_samples=6, tasks=("rec",), object_sides=(0.4, 0.45), max_objects=2)
+  for _, _, truth in evaluation.Evaluator(config, None, None).samples["rec"]:
+    shorter = min(truth["size"])
+    assert 1 <= len(truth["objects"]) <= 2
+    assert all(int(0.4 * shorter) <= o.box[2] - o.box[0] <= int(0.45 * shorter) for o in truth["objects"])
 
 
 def test_unknown_eval_task_is_named():

@@ -21,10 +21,10 @@ towers the 1000-step demo reached REC 0.06 (mean IoU 0.14), VQA 0.66 and countin
 0.27 before (one run each, 96 samples; NOTES.md). A read-out that forced the box 5x louder (6% of the variance)
 squeezed shape out (0.63) and did worse (VQA 0.51, REC 0.01).
 
-Run from the repository root: python configs/assets/make_demo_towers.py (defaults: 1000 steps of 16 scenes, peak
-lr 4e-3; ~25 min on the shared 2-core box; held-out: object 0.99, shape 0.98, colour 1.00, box L1 0.016, printed
-digits 0.61 (a coordinate within 0.02 in print: 0.39; metadata.json says 0.33, from a float comparison fixed
-since), counts 0.65 — with lr 2e-3 the shape read-out was still at 0.58 after 600 steps).
+Run from the repository root: python configs/assets/make_demo_towers.py (defaults: 1000 steps of 16 scenes of the
+demo's world (configs/demo.py: 1-3 shapes, sides 0.25-0.45 of the shorter image side), peak lr 4e-3; 13 min on the
+2-core box; held-out: object 0.99, shape 0.99, colour 1.00, box L1 0.017, printed digits 0.61 (a coordinate within
+0.02 in print: 0.37), counts 0.77 — with lr 2e-3 the shape read-out was still at 0.58 after 600 steps).
 Writes configs/assets/demo_towers/: a model directory (checkpoint.save_model_dir) holding the demo model's `towers`
 tree and the read-out `heads` (kept so tests/test_demo_towers.py can re-score the towers on unseen scenes).
 Deterministic up to XLA's floating-point reductions; the held-out scores land in its metadata.json.
@@ -171,7 +171,7 @@ def train(steps: int, batch: int, lr: float, seed: int = 0, log=print):
   """Pre-trains the demo's towers; -> ({"towers": …, "heads": …} params, held-out scores)."""
   model_config = demo.get_config().model
   size, grid = model_config.image_size, patch_grid(model_config)
-  world = shapes.World(seed=WORLD_SEED, max_objects=demo.MAX_OBJECTS)
+  world = shapes.World(seed=WORLD_SEED, max_objects=demo.MAX_OBJECTS, object_sides=demo.OBJECT_SIDES)
   towers, heads, forward = build(model_config)
   pixels, labels = scene_batch(world, 0, 2, size, grid)
   key_towers, key_heads = jax.random.split(jax.random.key(seed))

@@ -46,6 +46,7 @@ PUBLAYNET_IDS = {"text": 1, "title": 2, "list": 3, "table": 4, "figure": 5}
 SKELETON = ((16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
             (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))  # COCO's, 1-based
 _KIND = {"shapes": 1, "people": 2, "document": 3}
+OBJECT_SIDES = (0.14, 0.3)  # a shape's side as a fraction of the image's shorter side
 VQA_SUBTYPE = "shapes2026"
 
 
@@ -90,8 +91,9 @@ def _size(rng, lo, hi, aspect=None):
   return w, h
 
 
-def shapes_scene(rng, lo, hi, max_objects=5):
-  """-> ((W, H), [Shape]): 1-max_objects shapes, distinct (colour, shape) pairs, boxes at least 4 px apart."""
+def shapes_scene(rng, lo, hi, max_objects=5, object_sides=OBJECT_SIDES):
+  """-> ((W, H), [Shape]): 1-max_objects shapes, distinct (colour, shape) pairs, boxes at least 4 px apart, each
+  side a fraction in object_sides (lo, hi) of the image's shorter side."""
   size = _size(rng, lo, hi)
   w, h = size
   pairs = [(s, c) for s in SHAPES for c in COLORS]
@@ -99,7 +101,7 @@ def shapes_scene(rng, lo, hi, max_objects=5):
   placed = []
   for p in picks:
     for _ in range(30):  # rejection sampling; a shape that finds no room is left out
-      side = int(rng.integers(int(0.14 * min(size)), int(0.3 * min(size)) + 1))
+      side = int(rng.integers(int(object_sides[0] * min(size)), int(object_sides[1] * min(size)) + 1))
       x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
       box = (x, y, x + side, y + side)
       if all(_apart(box, o.box, 4) for o in placed):
@@ -314,17 +316,22 @@ class World:
 
   sizes: (lo, hi) side range in pixels; each image's W and H are drawn from it (documents are portrait).
   max_objects: shapes per shapes scene are 1..max_objects (fewer make an easier world).
+  object_sides: (lo, hi) range of a shape's side as a fraction of the image's shorter side (larger shapes cover
+  more patches and tolerate more error in a box; a shape that finds no room in the scene is left out).
   """
 
   def __init__(self, seed: int = 0, domain: str = "flat", sizes: tuple[int, int] = (160, 288),
-               max_objects: int = 5):
+               max_objects: int = 5, object_sides: tuple[float, float] = OBJECT_SIDES):
     if domain not in DOMAINS:
       raise SphinxError(f"shapes world: unknown domain {domain!r}; use one of {DOMAINS}")
     if not 64 <= sizes[0] <= sizes[1]:
       raise SphinxError(f"shapes world: sizes={sizes} must satisfy 64 <= lo <= hi")
     if not 1 <= max_objects <= len(SHAPES) * len(COLORS):
       raise SphinxError(f"shapes world: max_objects={max_objects}; use 1..{len(SHAPES) * len(COLORS)}")
+    if not 0 < object_sides[0] <= object_sides[1] <= 1:
+      raise SphinxError(f"shapes world: object_sides={tuple(object_sides)} must satisfy 0 < lo <= hi <= 1")
     self.seed, self.domain, self.sizes, self.max_objects = int(seed), domain, tuple(sizes), int(max_objects)
+    self.object_sides = tuple(float(v) for v in object_sides)
 
   def _rng(self, index, *stream):
     return np.random.default_rng([self.seed, index, *stream])
@@ -334,7 +341,7 @@ class World:
     rng = self._rng(index, _KIND[kind])
     style = self._rng(index, _KIND[kind], 10 + DOMAINS.index(self.domain))
     if kind == "shapes":
-      size, objects = shapes_scene(rng, *self.sizes, self.max_objects)
+      size, objects = shapes_scene(rng, *self.sizes, self.max_objects, self.object_sides)
       img = Image.new("RGB", size, BACKGROUND)
       draw = ImageDraw.Draw(img)
       for o in objects:

@@ -417,7 +417,8 @@ def open_source(name: str, cfg):
     from sphinx_jax.data import shapes
     task = cfg.task or shapes.WORLD_TASKS
     world = shapes.World(seed=cfg.get("seed") or 0, domain=cfg.get("domain") or "flat",
-                         max_objects=cfg.get("max_objects") or 5)
+                         max_objects=cfg.get("max_objects") or 5,
+                         object_sides=tuple(cfg.get("object_sides") or shapes.OBJECT_SIDES))
     return shapes.WorldSource(world, (task,) if isinstance(task, str) else tuple(task),
                               length=cfg.get("length") or 100_000, turns=cfg.get("turns") or 1)
   raise SphinxError(f"config.data.datasets.{name}.kind: unknown kind {kind!r}; use one of {KINDS}.")

@@ -48,15 +48,17 @@ class Tokenizer:
       return cls(f.read(), source=path)
 
   @classmethod
-  def train(cls, lines, vocab_size: int, *, add_dummy_prefix: bool = True) -> "Tokenizer":
+  def train(cls, lines, vocab_size: int, *, add_dummy_prefix: bool = True,
+            character_coverage: float = 0.98) -> "Tokenizer":
     """A BPE model trained on `lines` with LLaMA's settings (byte fallback, split digits, identity normaliser,
     whitespace kept, unk 0 / bos 1 / eos 2, no pad piece); deterministic (one thread). Used for the demo's
-    tokenizer and the tests' tiny models."""
+    tokenizer and the tests' tiny models. Characters outside `character_coverage` of the corpus's character
+    mass get no piece and fall back to bytes."""
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=add_dummy_prefix, character_coverage=0.98,
+        remove_extra_whitespaces=False, add_dummy_prefix=add_dummy_prefix, character_coverage=character_coverage,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     return cls(out.getvalue(), source=f"<trained, {vocab_size} pieces>")
 

@@ -7,7 +7,9 @@ Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our syntheti
                 another sample of the world: what reading the question alone achieves, the bar image use must clear;
   rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
                 IoU >= 0.5 with the ground-truth box;
-  rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold.
+  rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold;
+  rec/accuracy/objects_N  rec/accuracy on the scenes of N shapes: N = 1 needs no choice of object, so it
+                separates reading a box from finding the named object.
 A few predictions per task are drawn (inference/render.py) into WORKDIR/predictions/step_N/ and TensorBoard.
 The Generator is built once, so evaluations after the first reuse its compiled programs.
 """
@@ -31,6 +33,12 @@ def _kind(truth) -> str:
   return truth["question_type"].replace(" ", "_")
 
 
+def eval_world(e, seed: int) -> shapes.World:
+  """The world of `config.eval` e with another seed."""
+  return shapes.World(seed=seed, domain=e.domain, max_objects=e.get("max_objects") or 5,
+                      object_sides=tuple(e.get("object_sides") or shapes.OBJECT_SIDES))
+
+
 def prior_answers(world: shapes.World, n: int = PRIOR_SAMPLES) -> dict[str, str]:
   """Question type -> its most frequent answer over n VQA samples of `world` (ties: the first seen)."""
   counts = {}
@@ -39,6 +47,15 @@ def prior_answers(world: shapes.World, n: int = PRIOR_SAMPLES) -> dict[str, str]
     by_answer = counts.setdefault(_kind(truth), {})
     by_answer[truth["answer"]] = by_answer.get(truth["answer"], 0) + 1
   return {kind: max(answers, key=answers.get) for kind, answers in counts.items()}
+
+
+def rec_scores(ious, truths) -> dict[str, float]:
+  """accuracy (IoU >= 0.5), mean IoU, and accuracy per number of shapes in the scene."""
+  ious, objects = np.asarray(ious), np.array([len(t["objects"]) for t in truths])
+  scores = {"rec/accuracy": float(np.mean(ious >= 0.5)), "rec/mean_iou": float(np.mean(ious))}
+  for n in sorted(set(objects.tolist())):
+    scores[f"rec/accuracy/objects_{n}"] = float(np.mean(ious[objects == n] >= 0.5))
+  return scores
 
 
 def vqa_scores(answers, truths, prior: dict[str, str]) -> dict[str, float]:
@@ -59,10 +76,9 @@ class Evaluator:
     e = config.eval
     if not set(e.tasks) <= set(TASKS):
       raise SphinxError(f"config.eval.tasks={tuple(e.tasks)}: training evaluation scores {TASKS}; drop the others.")
-    world = shapes.World(seed=e.world_seed, domain=e.domain, max_objects=e.get("max_objects") or 5)
+    world = eval_world(e, e.world_seed)
     self.samples = {task: [world.sample(i, task) for i in range(e.num_samples)] for task in e.tasks}
-    self.prior = prior_answers(shapes.World(seed=e.world_seed + 1, domain=e.domain,
-                                            max_objects=e.get("max_objects") or 5)) if "vqa" in e.tasks else {}
+    self.prior = prior_answers(eval_world(e, e.world_seed + 1)) if "vqa" in e.tasks else {}
     self.generator = None
 
   def run(self, params, out_dir: Path, log=None, step: int = 0) -> dict:
@@ -84,8 +100,8 @@ class Evaluator:
       if task == "vqa":
         scores.update(vqa_scores(answers, truths, self.prior))
       else:
-        ious = np.array([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)])
-        scores.update({"rec/accuracy": float(np.mean(ious >= 0.5)), "rec/mean_iou": float(np.mean(ious))})
+        scores.update(rec_scores([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)],
+                                 truths))
       if log is not None:
         self._draw(task, samples, answers, out_dir, log, step)
     return scores
