@@ -34,6 +34,9 @@ import collections
 import dataclasses
 import json
 import logging
+import os
+import threading
+import time
 import zlib
 
 import grain
@@ -253,7 +256,8 @@ def group_stream(specs, encode, *, batch_size, seed, shard_index, shard_count, n
   if num_workers:
     _absl_flags_ready()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                               per_worker_buffer_size=buffer_size))
+                                                               per_worker_buffer_size=buffer_size),
+                                  worker_init_fn=exit_with_parent)
   return batches
 
 
@@ -280,6 +284,21 @@ class _GlobalRow:
   def __call__(self, j):
     batch, row = divmod(int(j), self.rows)
     return self.stream[(batch * self.shard_count + self.shard_index) * self.rows + row]
+
+
+def exit_with_parent(worker_index: int, worker_count: int):
+  """Grain worker init: the worker exits once the process that started it is gone. A training process killed
+  with SIGKILL (preemption, OOM, kill -9) otherwise leaves its workers waiting on a queue forever, each holding
+  its memory, while the rerun starts new ones."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _absl_flags_ready():
