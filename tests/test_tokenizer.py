@@ -1,13 +1,16 @@
 """Tokenizer wrapper: the original's encode/encode_segment/decode semantics on the real Mistral v1 model and on
-tiny trained models of both segment styles; pickling without the source file; bad files."""
+tiny trained models of both segment styles; pickling without the source file; bad files; the committed demo
+tokenizer is what its script makes, with a piece for every character of its corpus."""
 import multiprocessing
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
+from configs.assets import make_demo_tokenizer
 from fixtures_text import mistral_v1_path, train_spm
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
@@ -78,3 +81,11 @@ def test_bad_files(tmp_path):
   junk.write_bytes(b"this is not a sentencepiece model")
   with pytest.raises(SphinxError, match="junk.model: not a SentencePiece model"):
     Tokenizer.from_file(junk)
+
+
+def test_committed_demo_tokenizer_is_regenerated_and_needs_no_byte_fallback():
+  committed = Path(make_demo_tokenizer.__file__).with_name("demo_tokenizer.model").read_bytes()
+  assert make_demo_tokenizer.build() == committed
+  sp = spm.SentencePieceProcessor(model_proto=committed)
+  pieces = [p for line in make_demo_tokenizer.corpus() for p in sp.encode(line, out_type=str)]
+  assert not [p for p in pieces if p.startswith("<0x")]

@@ -21,9 +21,14 @@ def corpus() -> list[str]:
   return lines
 
 
-if __name__ == "__main__":
-  out = Path(__file__).with_name("demo_tokenizer.model")
+def build() -> bytes:
+  """The serialized demo tokenizer."""
   # Every character gets a piece: digits and punctuation fill most of this corpus, so the default coverage
   # (0.98) left 'y', 'x', 'P' and '?' to byte fallback and split "yellow" into three pieces.
-  out.write_bytes(Tokenizer.train(corpus(), VOCAB, character_coverage=1.0).model_proto)
+  return Tokenizer.train(corpus(), VOCAB, character_coverage=1.0).model_proto
+
+
+if __name__ == "__main__":
+  out = Path(__file__).with_name("demo_tokenizer.model")
+  out.write_bytes(build())
   print(f"wrote {out}")
