@@ -20,6 +20,10 @@ half the square). Roof: the best of jnp.dot (jit, precision 'highest') and torch
 Bandwidth: the best of numpy, torch and XLA copies of a 256 MiB f32 array (bytes read + written).
 Decode bound: bandwidth / bytes read per step (all matmul weights once + every row's KV cache at the mean length)
 x batch tokens/s; the decode rounds time the stream copies again, and the bound uses the best bandwidth seen.
+Two rates per contender: end to end (new tokens / the whole call, the prompt's prefill included, what a user
+waits for) and per step (batch * (new - 1) / (t(new tokens) - t(1 new token)): the single-token steps alone, the
+bandwidth-bound part that the bound describes; the prefill is a compute-bound [prompt, D] pass). JAX's two calls run
+one compiled program (one length bucket for prompt and new tokens), only the loop's limit differs.
 Timing (bench/timing.py): after one warm-up call each (its time, mostly compilation, is printed), the contenders
 of a part run interleaved for --iters rounds and the fastest round of each counts.
 """
@@ -220,12 +224,14 @@ def hf_decoder(c, tuned):
   return model
 
 
-def jax_generator(model, unscan_layers):
-  """A Generator on a text-only SPHINX holding `model`'s weights (the path of `convert --from hf`)."""
+def jax_generator(c, model, unscan_layers):
+  """A Generator on a text-only SPHINX holding `model`'s weights (the path of `convert --from hf`), with one length
+  bucket that holds the prompt and every new-token count (so 1 and c["new"] new tokens run the same program)."""
   llm = hf_convert.llm_config_from_hf(model.config.to_dict())
   params = hf_convert.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, llm, True)
   sphinx = Sphinx(cfg.model_config(llm, (), 0, 1, dtype="float32"))
-  return generate.Generator(sphinx, {"llm": jax.device_put(params)}, unscan_layers=unscan_layers)
+  return generate.Generator(sphinx, {"llm": jax.device_put(params)}, unscan_layers=unscan_layers,
+                            buckets=(max(c["prompt"], c["new"]),))
 
 
 @contextlib.contextmanager
@@ -254,29 +260,36 @@ def dot_attention():
     layers._cached_logits, layers._cached_values = saved
 
 
+ONE_NEW = " [1 new token]"  # suffix of the contender that generates a single token (the prefill's time)
+
+
 def decode_contenders(c, batch, hf_models, generators, outputs, traced_in=None):
-  """name -> a call generating c["new"] greedy tokens for `batch` prompts; each leaves its ids in outputs[name].
-  traced_in: {name: context manager factory} that holds around that generator's calls (its tracing among them)."""
+  """name -> a call generating c["new"] greedy tokens for `batch` prompts, leaving its ids in outputs[name], and
+  name + ONE_NEW -> the same call for one new token. traced_in: {name: context manager factory} that holds
+  around that generator's calls (its tracing among them)."""
   traced_in = traced_in or {}
   prompt = np.random.default_rng(1).integers(0, c["vocab"], (batch, c["prompt"]))
   torch_prompt = torch.from_numpy(prompt)
 
-  def hf_run(name, model):
+  def hf_run(name, model, new):
     def run():
       with torch.inference_mode():
-        out = model.generate(torch_prompt, max_new_tokens=c["new"], do_sample=False,
+        out = model.generate(torch_prompt, max_new_tokens=new, do_sample=False,
                              attention_mask=torch.ones_like(torch_prompt))
       outputs[name] = out[:, c["prompt"]:].numpy()
     return run
 
-  def jax_run(name, generator):
+  def jax_run(name, generator, new):
     def run():
-      with traced_in.get(name, contextlib.nullcontext)():
-        outputs[name] = np.array(generator.generate_ids(prompt.tolist(), max_new_tokens=c["new"]))
+      with traced_in.get(name.removesuffix(ONE_NEW), contextlib.nullcontext)():
+        outputs[name] = np.array(generator.generate_ids(prompt.tolist(), max_new_tokens=new))
     return run
 
-  return {**{name: hf_run(name, m) for name, m in hf_models.items()},
-          **{name: jax_run(name, g) for name, g in generators.items()}}
+  runs = {}
+  for new, suffix in ((c["new"], ""), (1, ONE_NEW)):
+    runs.update({name + suffix: hf_run(name + suffix, m, new) for name, m in hf_models.items()})
+    runs.update({name + suffix: jax_run(name + suffix, g, new) for name, g in generators.items()})
+  return runs
 
 
 def decode_bytes_per_step(c, batch):
@@ -368,12 +381,12 @@ def decode_part(c, args, bandwidth):
   if not args.no_torch_compile:
     hf_models["hf generate static cache + compile"] = hf_decoder(c, tuned=True)
   reference = hf_models["hf generate"]
-  generators = {"jax Generator scanned layers": jax_generator(reference, unscan_layers=False),
-                "jax Generator unscanned layers": jax_generator(reference, unscan_layers=True)}
+  generators = {"jax Generator scanned layers": jax_generator(c, reference, unscan_layers=False),
+                "jax Generator unscanned layers": jax_generator(c, reference, unscan_layers=True)}
   with xla_default_cpu_options():
-    generators["jax unscanned, XLA CPU default options"] = jax_generator(reference, unscan_layers=True)
+    generators["jax unscanned, XLA CPU default options"] = jax_generator(c, reference, unscan_layers=True)
   previous_attention = "jax unscanned, attention as dots"
-  generators[previous_attention] = jax_generator(reference, unscan_layers=True)
+  generators[previous_attention] = jax_generator(c, reference, unscan_layers=True)
   streams = stream_contenders()
   warm_up({name: fn for name, (fn, _) in streams.items()})
   for batch in c["decode_batches"]:
@@ -383,14 +396,20 @@ def decode_part(c, args, bandwidth):
     best = fastest({**runs, **{name: fn for name, (fn, _) in streams.items()}}, args.iters, warm=False)
     seen = max([bandwidth] + [size / best[name][0] for name, (_, size) in streams.items()])
     bound = seen / decode_bytes_per_step(c, batch) * batch
-    rates = {name: batch * c["new"] / best[name][0] for name in runs}
+    names = [name for name in runs if not name.endswith(ONE_NEW)]
+    rates = {name: batch * c["new"] / best[name][0] for name in names}
+    steps = {name: batch * (c["new"] - 1) / (best[name][0] - best[name + ONE_NEW][0]) for name in names}
     best_hf = max(rate for name, rate in rates.items() if name.startswith("hf"))
+    best_hf_step = max(rate for name, rate in steps.items() if name.startswith("hf"))
     print(f"  batch {batch}: bandwidth {seen / 1e9:.1f} GB/s, {decode_bytes_per_step(c, batch) / 1e6:.0f} MB read "
           f"per step -> bound {bound:.1f} tok/s", flush=True)
-    for name, rate in rates.items():
+    for name in names:
       same = np.mean(outputs[name] == outputs["hf generate"])
-      print(f"    {name:38s} {rate:8.1f} tok/s  x{rate / best_hf:.2f} vs best HF  {rate / bound:6.1%} of the "
-            f"bound  (first call {first[name]:6.1f} s; {same:.0%} of tokens as HF)", flush=True)
+      print(f"    {name:38s} end to end {rates[name]:6.1f} tok/s  x{rates[name] / best_hf:.2f} vs best HF  "
+            f"{rates[name] / bound:6.1%} of the bound | per step {steps[name]:6.1f} tok/s  "
+            f"x{steps[name] / best_hf_step:.2f}  {steps[name] / bound:6.1%} (prefill + 1 token "
+            f"{best[name + ONE_NEW][0]:.2f} s; first call {first[name]:6.1f} s; {same:.0%} of tokens as HF)",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Run:  flock /tmp/sphinx_heavy.lock python bench/train.py [--configs demo,mid] [-
       python bench/train.py --quick       (smoke run, tests/test_bench_train.py)
 Configs (float32, full-precision matmuls: XLA 'highest', torch TF32 off; random weights, which do not change
 the work; one host device, as the demo runs): demo = configs/demo.py (tiny SPHINX: the 4 towers at tiny depth,
-1 view at 224 px, a dim-128 4-layer decoder, 8 rows of 387 decoder positions of which 291 are image tokens);
-mid = the demo with a dim-1024, 8-layer, 16-head decoder (FFN 2816) and 2 rows; quick = the demo with only the
+1 view at 224 px, patch 28, a dim-128 4-layer decoder, 8 rows of 256 decoder positions of which 99 are image
+tokens); mid = the demo with a dim-1024, 8-layer, 16-head decoder (FFN 2816) and 2 rows; quick = the demo with only the
 two towers of SPHINX-Tiny at depth 1, a 1-layer decoder and 2 rows (cheapest to compile).
 
 Step: the real jitted step of `train/loop.build` (sharded over the mesh, state donated) on batches of the real
