@@ -396,7 +396,7 @@ def decode_part(c, args, bandwidth):
     best = fastest({**runs, **{name: fn for name, (fn, _) in streams.items()}}, args.iters, warm=False)
     seen = max([bandwidth] + [size / best[name][0] for name, (_, size) in streams.items()])
     bound = seen / decode_bytes_per_step(c, batch) * batch
-    names = [name for name in runs if not name.endswith(ONE_NEW)]
+    names = [name for name in runs if name + ONE_NEW in runs]  # both calls survived their warm-up
     rates = {name: batch * c["new"] / best[name][0] for name in names}
     steps = {name: batch * (c["new"] - 1) / (best[name][0] - best[name + ONE_NEW][0]) for name in names}
     best_hf = max(rate for name, rate in rates.items() if name.startswith("hf"))
