@@ -2,7 +2,7 @@
 synthetic world's task mixture (scenes of 1-3 shapes of 0.25-0.45 of the shorter side, up to 4 questions per image:
 VQA, REC (part of it on one-shape scenes), REG and grounded captions). Its frozen towers come pre-trained on the same
 world (configs/assets/demo_towers, made by configs/assets/make_demo_towers.py), standing in for the released towers'
-pretraining (their read-outs include the box as the answers print it, and per-shape counts). 1200 steps: ~8-10 min
+pretraining (their read-outs include the box as the answers print it, and per-shape counts). 1200 steps: ~9-10 min
 on the 2-core box, three evaluations included. Held-out, 256 samples of the final checkpoint (eval world seed
 10000; another seed, 20000, in brackets): VQA 0.80 [0.75] (answering from the question alone: 0.41 [0.31]; count
 0.92, colour 0.78, shape 0.88, left/right 0.47), REC (IoU >= 0.5) 0.41 [0.36] (mean IoU 0.36): 0.84 on one-shape
