@@ -2,7 +2,7 @@
 `generate`) on the same config, with the machine's f32 matmul roof and streaming bandwidth measured in the run.
 
 Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3] [--parts train,decode]
-          [--no-torch-compile] [--remat none|full|...] [--variants fused:rows:custom,lse:plain:autodiff]
+          [--isolate] [--no-torch-compile] [--remat none|full|...] [--variants fused:rows:custom,lse:plain:autodiff]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
 Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
 text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
@@ -25,12 +25,18 @@ waits for) and per step (batch * (new - 1) / (t(new tokens) - t(1 new token)): t
 bandwidth-bound part that the bound describes; the prefill is a compute-bound [prompt, D] pass). JAX's two calls run
 one compiled program (one length bucket for prompt and new tokens), only the loop's limit differs.
 Timing (bench/timing.py): after one warm-up call each (its time, mostly compilation, is printed), the contenders
-of a part run interleaved for --iters rounds and the fastest round of each counts.
+of a part run interleaved for --iters rounds and the fastest round of each counts. --isolate (train part): each
+contender runs its warm-up and rounds in a fresh process of this script instead, beside the roof GEMMs, because
+PyTorch's train steps slow a later JAX step in the same process (`time_in_own_process`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -50,6 +56,7 @@ from sphinx_jax.models import head_loss, layers
 from sphinx_jax.models.llama import Llama
 from sphinx_jax.models.sphinx import Sphinx
 
+RESULT = "RESULT "  # the line on which an --only child hands its numbers back
 CONFIGS = {
     "M": dict(vocab=32000, dim=1024, layers=8, heads=16, ffn=2816, seq=512, batch=4, prompt=128, new=128,
               decode_batches=(1, 8), gemm=(2048, 4096)),
@@ -311,6 +318,9 @@ def main():
                       help="JAX steps to time, comma-separated CE:DENSE:ATTENTION; CE plain|lse|fused, DENSE rows "
                            "(now)|plain (previous), ATTENTION custom (now)|autodiff (previous)")
   parser.add_argument("--chunk-rows", type=int, default=1024, help="rows per chunk of the fused cross-entropy")
+  parser.add_argument("--isolate", action="store_true",
+                      help="train part: time each contender in its own process (no interleaving across runtimes)")
+  parser.add_argument("--only", help=argparse.SUPPRESS)  # set by --isolate for its child processes
   args = parser.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = False
@@ -348,29 +358,67 @@ def warm_up_verbosely(runs) -> dict[str, float]:
   return first
 
 
-def train_part(c, args, roof, roof_cpu):
-  flops = train_flops(c)
-  print(f"train step: {flops / 1e12:.3f} TFLOP of model work", flush=True)
-  runs = {"torch default (AdamW foreach)": torch_train_step(c, tuned=False)}
+def train_builders(c, args) -> dict[str, Callable[[], Callable]]:
+  """Contender name -> a function that builds its ready-to-time train step (each holds a model and its optimizer
+  state, so only the contenders a process times are built)."""
+  builders = {"torch default (AdamW foreach)": functools.partial(torch_train_step, c, tuned=False)}
   if not args.no_torch_compile:
-    runs["torch tuned (fused AdamW, torch.compile)"] = torch_train_step(c, tuned=True)
+    builders["torch tuned (fused AdamW, torch.compile)"] = functools.partial(torch_train_step, c, tuned=True)
   for remat in dict.fromkeys([args.remat, "none"]):
     for variant in args.variants.split(","):
       ce, dense, attention = variant.split(":")
-      runs[f"jax remat={remat} {variant}"] = jax_train_step(c, remat, ce, dense, attention, args.chunk_rows)
+      builders[f"jax remat={remat} {variant}"] = functools.partial(jax_train_step, c, remat, ce, dense, attention,
+                                                                   args.chunk_rows)
+  return builders
+
+
+def time_train_steps(c, args, runs) -> dict[str, dict]:
+  """Warm-up, then --iters interleaved rounds of `runs` and of the roof GEMMs -> per contender: fastest wall and
+  CPU seconds, first-call seconds, and the roof (and roof per CPU second) seen by this process's rounds."""
   first = warm_up_verbosely(runs)
   # The roof GEMMs run in the same rounds too, so that load from other jobs that comes and goes falls on them alike.
   n = max(c["gemm"])
   roof_runs = {f"roof {name}": fn for name, fn in gemms("float32", n).items()}
   warm_up(roof_runs)
   best = fastest({**runs, **roof_runs}, args.iters, warm=False)
-  roof = max([roof] + [2 * n ** 3 / best[name][0] for name in roof_runs])
-  roof_cpu = max([roof_cpu] + [2 * n ** 3 / best[name][1] for name in roof_runs])
-  print(f"  roof over the start and these rounds: {roof / 1e9:.1f} GFLOP/s ({roof_cpu / 1e9:.1f} per CPU second)")
-  best = {name: times for name, times in best.items() if name in runs}
-  best_torch = min(wall for name, (wall, _) in best.items() if name.startswith("torch"))
-  for name, (seconds, cpu) in best.items():
-    print(f"  {name:44s} {seconds:7.2f} s/step (CPU {cpu:7.2f} s, first call {first[name]:6.1f} s)  "
+  roof = max(2 * n ** 3 / best[name][0] for name in roof_runs)
+  roof_cpu = max(2 * n ** 3 / best[name][1] for name in roof_runs)
+  return {name: dict(wall=best[name][0], cpu=best[name][1], first=first[name], roof=roof, roof_cpu=roof_cpu)
+          for name in runs}
+
+
+def time_in_own_process(name, args) -> dict:
+  """One contender timed by a fresh process of this script (--only NAME): after eager PyTorch train steps have
+  run in a process, the JAX step there ran ~20% slower (11.7 -> 14.1 s at config M on a quiet box, even with
+  torch at one thread and seconds of sleep in between; cause not found), so interleaving in one process
+  penalises whichever runtime comes second."""
+  argv = [sys.executable, __file__, "--parts", "train", "--only", name, "--iters", str(args.iters), "--remat",
+          args.remat, "--variants", args.variants, "--chunk-rows", str(args.chunk_rows)]
+  argv += ["--quick"] * args.quick + ["--no-torch-compile"] * args.no_torch_compile
+  out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
+  print("".join(f"    [{name}] {line}\n" for line in out.splitlines() if line.startswith("    (")), end="", flush=True)
+  return json.loads(next(line for line in out.splitlines() if line.startswith(RESULT))[len(RESULT):])
+
+
+def train_part(c, args, roof, roof_cpu):
+  flops = train_flops(c)
+  print(f"train step: {flops / 1e12:.3f} TFLOP of model work", flush=True)
+  builders = train_builders(c, args)
+  if args.only:  # a child of --isolate: time one contender, hand the numbers back
+    print(RESULT + json.dumps(time_train_steps(c, args, {args.only: builders[args.only]()})[args.only]), flush=True)
+    return
+  if args.isolate:
+    results = {name: time_in_own_process(name, args) for name in builders}
+  else:
+    results = time_train_steps(c, args, {name: build() for name, build in builders.items()})
+  roof = max([roof] + [r["roof"] for r in results.values()])
+  roof_cpu = max([roof_cpu] + [r["roof_cpu"] for r in results.values()])
+  print(f"  roof over the start and these rounds: {roof / 1e9:.1f} GFLOP/s ({roof_cpu / 1e9:.1f} per CPU second)"
+        + ("; each contender timed in its own process" if args.isolate else ""))
+  best_torch = min(r["wall"] for name, r in results.items() if name.startswith("torch"))
+  for name, r in results.items():
+    seconds, cpu = r["wall"], r["cpu"]
+    print(f"  {name:44s} {seconds:7.2f} s/step (CPU {cpu:7.2f} s, first call {r['first']:6.1f} s)  "
           f"{flops / seconds / 1e9:7.1f} GFLOP/s  {flops / seconds / roof:6.1%} of roof "
           f"({flops / cpu / roof_cpu:6.1%} in CPU s)  x{best_torch / seconds:.2f} vs best torch", flush=True)
 

@@ -54,6 +54,6 @@ def get_config(arg: str = ""):
   c.train = cfg.train_config(num_steps=1200, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0, clip_grad=1.0,
                              log_every=20, eval_every=600, eval_at_start=True, checkpoint_every=600,
                              trainable="stage2", towers_from=str(ASSETS / "demo_towers"))
-  c.eval = cfg.eval_config(tasks=("vqa", "rec"), num_samples=96, world_seed=10_000, max_objects=MAX_OBJECTS,
+  c.eval = cfg.eval_config(tasks=("vqa", "rec"), num_samples=256, world_seed=10_000, max_objects=MAX_OBJECTS,
                            object_sides=OBJECT_SIDES, max_new_tokens=24, batch=16)
   return c

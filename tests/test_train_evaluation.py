@@ -19,12 +19,21 @@ def test_vqa_scores_by_hand():
 
 
 def test_rec_scores_by_hand():
-  truths = [{"objects": ["a"]}, {"objects": ["a", "b"]}, {"objects": ["a", "b"]}, {"objects": ["a"]}]
-  scores = evaluation.rec_scores([0.5, 0.9, 0.2, 0.0], truths)
-  assert scores == {"rec/accuracy": 0.5, "rec/mean_iou": pytest.approx(0.4), "rec/accuracy/objects_1": 0.5,
-                    "rec/accuracy/objects_2": 0.5}
-  scores = evaluation.rec_scores([0.1, 0.9, 0.6, 0.49], truths)
-  assert (scores["rec/accuracy/objects_1"], scores["rec/accuracy/objects_2"]) == (0.0, 1.0)
+  # 100 x 100 images (no padding): a reply's box in [0, 1] is x100 pixels
+  left, right = shapes.Shape("circle", "red", (0, 0, 40, 40)), shapes.Shape("square", "blue", (60, 60, 100, 100))
+  one = {"objects": [left], "box": left.box, "size": (100, 100)}
+  two = {"objects": [left, right], "box": left.box, "size": (100, 100)}
+  answers = ["[0.00,0.00,0.40,0.20]",  # IoU 0.5 with the named shape
+             "[0.00,0.00,0.40,0.40]",  # exact
+             "[0.60,0.60,1.00,1.00]",  # the other shape's box
+             "no box"]
+  scores = evaluation.rec_scores(answers, [one, two, two, one])
+  assert scores == {"rec/accuracy": 0.5, "rec/mean_iou": pytest.approx(0.375), "rec/accuracy/objects_1": 0.5,
+                    "rec/accuracy/objects_2": 0.5, "rec/other_shape": 0.5}
+  scores = evaluation.rec_scores(["[0.00,0.00,0.40,0.19]", "[0.60,0.60,1.00,1.00]"], [one, two])
+  assert scores == {"rec/accuracy": 0.0, "rec/mean_iou": pytest.approx(0.475 / 2), "rec/accuracy/objects_1": 0.0,
+                    "rec/accuracy/objects_2": 0.0, "rec/other_shape": 1.0}
+  assert "rec/other_shape" not in evaluation.rec_scores(answers[:1], [one])
 
 
 def test_prior_answers_are_each_types_most_frequent():

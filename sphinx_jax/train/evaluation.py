@@ -9,7 +9,10 @@ Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our syntheti
                 IoU >= 0.5 with the ground-truth box;
   rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold;
   rec/accuracy/objects_N  rec/accuracy on the scenes of N shapes: N = 1 needs no choice of object, so it
-                separates reading a box from finding the named object.
+                separates reading a box from finding the named object;
+  rec/other_shape  on scenes of several shapes, the fraction of replies whose box fits (IoU >= 0.5) another
+                shape than the named one: a model that reads some shape's box but ignores the expression scores
+                about N-1 times its accuracy there, one that follows the expression far less.
 A few predictions per task are drawn (inference/render.py) into WORKDIR/predictions/step_N/ and TensorBoard.
 The Generator is built once, so evaluations after the first reuse its compiled programs.
 """
@@ -49,12 +52,18 @@ def prior_answers(world: shapes.World, n: int = PRIOR_SAMPLES) -> dict[str, str]
   return {kind: max(answers, key=answers.get) for kind, answers in counts.items()}
 
 
-def rec_scores(ious, truths) -> dict[str, float]:
-  """accuracy (IoU >= 0.5), mean IoU, and accuracy per number of shapes in the scene."""
-  ious, objects = np.asarray(ious), np.array([len(t["objects"]) for t in truths])
+def rec_scores(answers, truths) -> dict[str, float]:
+  """accuracy (IoU >= 0.5), mean IoU, accuracy per number of shapes in the scene, and how often the box fits
+  another shape of a several-shape scene instead (truths: World.sample's, with "box", "size", "objects")."""
+  ious = np.array([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)])
+  objects = np.array([len(t["objects"]) for t in truths])
   scores = {"rec/accuracy": float(np.mean(ious >= 0.5)), "rec/mean_iou": float(np.mean(ious))}
   for n in sorted(set(objects.tolist())):
     scores[f"rec/accuracy/objects_{n}"] = float(np.mean(ious[objects == n] >= 0.5))
+  others = [max(metrics.rec_iou(a, o.box, *t["size"]) for o in t["objects"] if tuple(o.box) != tuple(t["box"]))
+            for a, t in zip(answers, truths) if len(t["objects"]) > 1]
+  if others:
+    scores["rec/other_shape"] = float(np.mean(np.asarray(others) >= 0.5))
   return scores
 
 
@@ -100,8 +109,7 @@ class Evaluator:
       if task == "vqa":
         scores.update(vqa_scores(answers, truths, self.prior))
       else:
-        scores.update(rec_scores([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)],
-                                 truths))
+        scores.update(rec_scores(answers, truths))
       if log is not None:
         self._draw(task, samples, answers, out_dir, log, step)
     return scores
