@@ -81,8 +81,9 @@ def whitened_dense(dense, features, rel_eps=1e-3):
   x = features.reshape(-1, features.shape[-1]).astype(np.float64)
   eigenvalues, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
   floor = rel_eps * eigenvalues.max()
-  kernel = vectors @ np.diag(1 / np.sqrt(np.maximum(eigenvalues, 0) + floor)) @ vectors.T @ dense["kernel"]
-  kernel *= np.linalg.norm(dense["kernel"]) / np.linalg.norm(kernel)
+  initial = np.asarray(dense["kernel"], np.float64)
+  kernel = vectors @ np.diag(1 / np.sqrt(np.maximum(eigenvalues, 0) + floor)) @ vectors.T @ initial
+  kernel *= np.linalg.norm(initial) / np.linalg.norm(kernel)
   return {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(-x.mean(0) @ kernel, jnp.float32)}
 
 
