@@ -2,14 +2,14 @@
 synthetic world's task mixture (scenes of 1-3 shapes of 0.25-0.45 of the shorter side, up to 4 questions per image:
 VQA, REC (part of it on one-shape scenes), REG and grounded captions). Its frozen towers come pre-trained on the same
 world (configs/assets/demo_towers, made by configs/assets/make_demo_towers.py), standing in for the released towers'
-pretraining (their read-outs include the box as the answers print it, and per-shape counts). 1200 steps: ~6 min on
-the ninth session's 2-core box (~10 min on the eighth's), three evaluations of 256 held-out samples included. On the
-ninth session's machine (eval world seed 10000): VQA 0.68 (answering from the question alone: 0.41; count 0.58,
-colour 0.77, shape 0.85, left/right 0.44), REC (IoU >= 0.5) 0.41 (mean IoU 0.35): 0.86 on one-shape scenes,
-0.20 / 0.08 with 2 / 3 shapes, where the box fits another shape than the named one about as often (rec/other_shape
-0.17): the decoder reads a box but does not follow the expression. On the eighth session's machine the same config
-gave VQA 0.80 (count 0.92) and REC 0.41: float results differ between CPUs, and whether the count questions are
-learnt within 1200 steps depends on that path (NOTES.md).
+pretraining (their read-outs include the box as the answers print it, per-shape counts, and a fixed one-hot code of
+each shape's colour, shape and box tenths). 1800 steps: ~9.5 min on the ninth to eleventh sessions' 2-core box, four
+evaluations of 256 held-out samples included. There (eval world seed 10000): VQA 0.61 (answering from the question
+alone: 0.41; count 0.39, colour 0.72, shape 0.78, left/right 0.56), REC (IoU >= 0.5) 0.52 (mean IoU 0.43): 0.98 on
+one-shape scenes, 0.29 / 0.18 with 2 / 3 shapes, where the box fits another shape than the named one about as often
+(rec/other_shape 0.35): the decoder reads a shape's box and commits to one, but does not yet follow the expression.
+A run on towers trained the same way but for float details gave VQA 0.71 (count 0.64) and REC 0.52: whether the count
+questions are learnt depends on the float path (NOTES.md), and float results differ between CPUs.
 
 Run: sphinx-jax train --config configs/demo.py --workdir runs/demo
 Data: generated on the fly by sphinx_jax/data/shapes.py (no downloads); tokenizer: configs/assets/
@@ -55,7 +55,7 @@ def get_config(arg: str = ""):
                 for seed, (name, (task, ratio, objects)) in enumerate(MIXTURE.items())},
       tokenizer=str(ASSETS / "demo_tokenizer.model"), global_batch_size=8, max_len=MAX_LEN, num_workers=1,
       bad_fraction_min_records=1000, max_bad_fraction=0.2)
-  c.train = cfg.train_config(num_steps=1200, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0, clip_grad=1.0,
+  c.train = cfg.train_config(num_steps=1800, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0, clip_grad=1.0,
                              log_every=20, eval_every=600, eval_at_start=True, checkpoint_every=600,
                              trainable="stage2", towers_from=str(ASSETS / "demo_towers"))
   c.eval = cfg.eval_config(tasks=("vqa", "rec"), num_samples=256, world_seed=10_000, max_objects=MAX_OBJECTS,

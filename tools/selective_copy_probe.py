@@ -14,8 +14,19 @@ model that reads one object without choosing the named one stays near (1 / objec
 `--whiten` initialises the projection's kernel with the inverse square root of the features' covariance (from 64
 scenes), so every input direction starts equally loud.
 
+`--world TOKENS` asks the same of the demo's world instead (NOTES.md, eleventh session): scenes of 1-3 shapes of
+configs/demo.py (training world seed 0, a fresh scene per sample; held-out world seed 10000), the query names one
+shape and the answer is its box's 8 printed digits (tenths and hundredths of x1, y1, x2, y2), the image tokens being
+  towers: the 64 grid tokens of the fused stream of the demo's frozen towers (`--towers DIR`, default the committed
+          configs/assets/demo_towers; ~5 min to encode the 38400 scenes of 1200 steps);
+  ideal:  the probe's one-hot tokens for the patches each shape covers (the towers' training labels), noise 0.1;
+  fuzzy:  the same with the towers' errors: each shape's tenths digits right 72% of the time (else a neighbour),
+          its hundredths random.
+Besides per-digit accuracy it prints, on 2-3-shape scenes, how many of the 8 digits match the named shape against
+the best other shape (a reply that follows the expression: many / few) and how often all 4 tenths are right.
+
 Run: JAX_PLATFORMS=cpu python tools/selective_copy_probe.py --alpha 0.1 --noise 0.01 [--whiten]  (~4 min / 1200
-steps on 2 cores)
+steps on 2 cores); JAX_PLATFORMS=cpu python tools/selective_copy_probe.py --world towers [--towers DIR]
 """
 from __future__ import annotations
 
@@ -62,6 +73,71 @@ def scenes(rng, count: int, alpha: float, noise: float):
   return features + rng.normal(0, noise, features.shape).astype(np.float32), text, objects
 
 
+def world_scenes(tokens: str, seed: int, count: int, towers_dir: str | None):
+  """The demo world's scenes 0..count-1 -> (image tokens float[count, 64, F], per scene a list of its shapes as
+  (colour, shape, the 8 printed digits))."""
+  from configs import demo
+  from configs.assets import make_demo_towers as towers_script
+  from sphinx_jax import checkpoint
+  from sphinx_jax.config import patch_grid
+  from sphinx_jax.data import shapes, tasks
+  model = demo.get_config().model
+  world = shapes.World(seed=seed, max_objects=demo.MAX_OBJECTS, object_sides=demo.OBJECT_SIDES)
+  if tokens == "towers":
+    params = checkpoint.load_model_dir(towers_dir or demo.get_config().train.towers_from)[0]
+    towers, _, _ = towers_script.build(model)
+    encode = jax.jit(lambda pixels: towers_script.encode(towers, params["towers"], pixels, model)[0][:, 1:])
+  rng, features, scene_objects = np.random.default_rng([seed, 1]), [], []
+  for start in range(0, count, 64):
+    pixels, labels = towers_script.scene_batch(world, start, min(64, count - start), model.image_size,
+                                               patch_grid(model))
+    for i in range(start, start + len(pixels)):
+      _, (w, h), objects = world.scene(i, "shapes")
+      scene_objects.append([(list(shapes.COLORS).index(o.color), shapes.SHAPES.index(o.shape),
+                             np.array(towers_script.printed_digits(tasks.Frame(w, h).normalise(o.box)))[PRINTED])
+                            for o in objects])
+    features.append(np.asarray(encode(pixels)) if tokens == "towers" else ideal_tokens(labels, tokens, rng))
+  return np.concatenate(features), scene_objects
+
+
+PRINTED = [1, 2, 4, 5, 7, 8, 10, 11]  # of the 12 printed digits: tenths and hundredths ("0.52" -> 5, 2)
+
+
+def ideal_tokens(labels, tokens: str, rng):
+  """Dense labels of a batch of scenes -> the probe's one-hot tokens float[N, 64, FEATURES] ('fuzzy': tenths right
+  72% of the time per shape, else a neighbour; hundredths random per shape), + N(0, 0.1)."""
+  on = labels["shape"] > 0
+  digits = labels["digits"][..., PRINTED].copy()
+  if tokens == "fuzzy":
+    for n, ident in enumerate(labels["shape"] * 10 + labels["colour"]):
+      for shape_id in np.unique(ident[on[n]]):
+        patches = ident == shape_id
+        for j in range(0, DIGITS, 2):
+          tenths = digits[n, patches, j][0] + (rng.choice([-1, 1]) if rng.random() > 0.72 else 0)
+          digits[n, patches, j], digits[n, patches, j + 1] = np.clip(tenths, 0, 9), rng.integers(10)
+  features = np.zeros((*on.shape, FEATURES), np.float32)
+  n, cell = np.nonzero(on)
+  features[n, cell, 0] = 1.0
+  features[n, cell, labels["colour"][n, cell]] = 1.0
+  features[n, cell, COLOURS + labels["shape"][n, cell]] = 1.0
+  for j in range(DIGITS):
+    features[n, cell, 1 + COLOURS + SHAPES + 10 * j + digits[n, cell, j]] = 1.0
+  return features + rng.normal(0, 0.1, features.shape).astype(np.float32)
+
+
+def world_queries(rng, scene_objects, indices):
+  """-> (text int[N, 11]: <colour> <shape> ':' 8 digits of a random shape of each scene, shapes per scene int[N],
+  the other shapes' digits per sample)."""
+  text, counts, others = np.zeros((len(indices), 3 + DIGITS), np.int32), np.zeros(len(indices), np.int32), []
+  for k, i in enumerate(indices):
+    named = rng.integers(len(scene_objects[i]))
+    colour, shape, digits = scene_objects[i][named]
+    text[k] = [10 + colour, 10 + COLOURS + shape, COLON, *digits]
+    counts[k] = len(scene_objects[i])
+    others.append([o[2] for j, o in enumerate(scene_objects[i]) if j != named])
+  return text, counts, others
+
+
 class Probe(nn.Module):
   """[BOS, LayerNorm(Dense(features)), text] -> the decoder's logits float[B, 1 + 64 + 11, VOCAB]."""
 
@@ -87,6 +163,20 @@ def whitened_dense(dense, features, rel_eps=1e-3):
   return {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(-x.mean(0) @ kernel, jnp.float32)}
 
 
+def selection_report(predicted, text, counts, others) -> str:
+  """Held-out digit accuracy by shapes in the scene; with the other shapes' digits: on 2-3-shape scenes, digits
+  matching the named shape / the best other one, and the share with all 4 tenths right."""
+  right = predicted == text[:, 3:]
+  report = "digit accuracy by objects " + " ".join(f"{n}: {right[counts == n].mean():.2f}" for n in (1, 2, 3))
+  if others is None:
+    return report
+  best_other = np.array([max([(p == o).sum() for o in rest], default=0) for p, rest in zip(predicted, others)])
+  tenths = right[:, ::2].all(axis=-1)
+  return (report + "; digits named / other " + " ".join(
+      f"{n}: {right[counts == n].sum(-1).mean():.1f} / {best_other[counts == n].mean():.1f}" for n in (2, 3))
+      + "; 4 tenths right " + " ".join(f"{n}: {tenths[counts == n].mean():.2f}" for n in (1, 2, 3)))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--alpha", type=float, default=1.0)
@@ -94,13 +184,27 @@ def main():
   parser.add_argument("--steps", type=int, default=1200)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--whiten", action="store_true")
+  parser.add_argument("--world", choices=("towers", "ideal", "fuzzy"), help="the demo world's scenes (docstring)")
+  parser.add_argument("--towers", help="a model directory with the towers (--world towers)")
   args = parser.parse_args()
-  rng = np.random.default_rng(args.seed)
-  make = lambda r, n: scenes(r, n, args.alpha, args.noise)
+  rng, batch = np.random.default_rng(args.seed), 32
+  started = time.time()
+  if args.world:
+    features, scene_objects = world_scenes(args.world, 0, batch * args.steps, args.towers)
+    held_features, held_objects = world_scenes(args.world, 10_000, 512, args.towers)
+    held_out = (held_features, *world_queries(np.random.default_rng(999), held_objects, np.arange(512)))
+    train_batch = lambda i: (features[batch * i:batch * (i + 1)],
+                             world_queries(rng, scene_objects, range(batch * i, batch * (i + 1)))[0])
+    print(f"encoded {len(features)} scenes in {time.time() - started:.0f} s", flush=True)
+  else:
+    make = lambda r, n: scenes(r, n, args.alpha, args.noise)
+    held_out = (*make(np.random.default_rng(999), 512), None)
+    train_batch = lambda i: make(rng, batch)[:2]
   model = Probe()
-  params = nn.meta.unbox(model.init(jax.random.key(args.seed), *make(rng, 2)[:2]))["params"]
+  params = nn.meta.unbox(model.init(jax.random.key(args.seed), *(x[:2] for x in held_out[:2])))["params"]
   if args.whiten:
-    params["Dense_0"] = whitened_dense(params["Dense_0"], make(np.random.default_rng(7), 64)[0])
+    params["Dense_0"] = whitened_dense(params["Dense_0"], held_out[0][:64] if args.world else
+                                       scenes(np.random.default_rng(7), 64, args.alpha, args.noise)[0])
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 50, args.steps, 1e-4)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
   opt_state = tx.init(params)
@@ -117,15 +221,12 @@ def main():
     return optax.apply_updates(p, updates), opt_state, value
 
   predict = jax.jit(lambda p, f, t: jnp.argmax(digit_logits(p, f, t), -1))
-  held_out = make(np.random.default_rng(999), 512)
-  started = time.time()
   for i in range(1, args.steps + 1):
-    params, opt_state, loss = step(params, opt_state, *make(rng, 32)[:2])
+    params, opt_state, loss = step(params, opt_state, *train_batch(i - 1))
     if i % max(args.steps // 6, 1) == 0 or i == args.steps:
-      right = np.asarray(predict(params, *held_out[:2])) == held_out[1][:, 3:]
-      by_objects = " ".join(f"{n}: {right[held_out[2] == n].mean():.2f}" for n in (1, 2, 3))
-      print(f"step {i} ({time.time() - started:.0f} s) loss {float(loss):.3f}; held-out digit accuracy by objects "
-            f"in the scene: {by_objects}", flush=True)
+      predicted = np.asarray(predict(params, *held_out[:2]))
+      print(f"step {i} ({time.time() - started:.0f} s) loss {float(loss):.3f}; held-out "
+            + selection_report(predicted, *held_out[1:]), flush=True)
 
 
 if __name__ == "__main__":

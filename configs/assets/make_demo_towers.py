@@ -12,7 +12,16 @@ Objective (linear read-out heads on the towers' outputs; training the demo reads
     (x1, y1, x2, y2 in [0, 1] of the padded square), the box both as numbers and as the 12 digits a REC answer
     prints ("0.52" -> 0, 5, 2 per coordinate; 10 classes each);
   the fused stream's first token and the mean Q-Former query each predict which (shape, colour) pairs the scene
-    holds (18 binary labels) and how many of each shape (0..MAX_OBJECTS, a class per shape).
+    holds (18 binary labels) and how many of each shape (0..MAX_OBJECTS, a class per shape);
+  and, with no learnable read-out, each grid token's projection on 50 fixed orthonormal directions of the fused
+    stream (`code_basis`) equals CODE_SCALE x [object, colour one-hot, shape one-hot, the 4 printed tenths digits
+    one-hot] (squared error, background included: there the code is zero).
+Why the fixed code: to box the shape an expression names, the decoder must attend to that shape's tokens and copy
+its box from them; tools/selective_copy_probe.py and the eleventh session's probe on these towers' own features
+(NOTES.md) show the demo's decoder learns that selection when each token carries its box as a few clean one-hots
+(even 72%-right ones), and not when the box is spread over the towers' learnt read-out directions: a held-out
+"4 tenths right" of 0.68 / 0.18 / 0.10 on scenes of 1 / 2 / 3 shapes without the code (below picking a shape at
+random: the decoder blends), 0.76 / 0.42 / 0.24 with it.
 Why the digits and counts: with the box only as numbers, the demo's dim-128 decoder never learned to print boxes
 (REC mean IoU 0.03-0.06 after 400 steps of REC alone): the towers carried the box in 0.5% of their output variance
 (colour 41%, shape 19%), and turning a continuous feature into decimal digits is slow for a tiny decoder. Asking
@@ -22,9 +31,10 @@ towers the 1000-step demo reached REC 0.06 (mean IoU 0.14), VQA 0.66 and countin
 squeezed shape out (0.63) and did worse (VQA 0.51, REC 0.01).
 
 Run from the repository root: python configs/assets/make_demo_towers.py (defaults: 1000 steps of 16 scenes of the
-demo's world (configs/demo.py: 1-3 shapes, sides 0.25-0.45 of the shorter image side), peak lr 4e-3; 13 min on the
-2-core box; held-out: object 0.99, shape 0.99, colour 1.00, box L1 0.017, printed digits 0.61 (a coordinate within
-0.02 in print: 0.37), counts 0.77 — with lr 2e-3 the shape read-out was still at 0.58 after 600 steps).
+demo's world (configs/demo.py: 1-3 shapes, sides 0.25-0.45 of the shorter image side), peak lr 4e-3; 8 min on the
+ninth session's 2-core box; held-out: object 0.995, shape 0.985, colour 0.999, box L1 0.022, printed digits 0.63 (a
+coordinate within 0.02 in print: 0.38; the hundredths are at chance), counts 0.81, the code's tenths 0.76 on 18% of
+the object tokens' energy — with lr 2e-3 the shape read-out was still at 0.58 after 600 steps).
 Writes configs/assets/demo_towers/: a model directory (checkpoint.save_model_dir) holding the demo model's `towers`
 tree and the read-out `heads` (kept so tests/test_demo_towers.py can re-score the towers on unseen scenes).
 Deterministic up to XLA's floating-point reductions; the held-out scores land in its metadata.json.
@@ -53,6 +63,10 @@ PAIRS = tuple((s, c) for s in shapes.SHAPES for c in shapes.COLORS)
 DIGITS = 12  # 4 coordinates x 3 printed digits ("0.52")
 COUNTS = demo.MAX_OBJECTS + 1  # how many of one shape a scene holds: 0..MAX_OBJECTS
 WORLD_SEED = 7  # scenes apart from the demo's training (0) and evaluation (10_000) worlds
+# The code: [object, colour (6), shape (3), the 4 printed tenths digits (10 each)] along fixed directions.
+CODE = 1 + len(shapes.COLORS) + len(shapes.SHAPES) + 4 * 10
+CODE_SCALE = 3.0
+CODE_SEED = 123
 
 
 def printed_digits(norm_box) -> list[int]:
@@ -100,13 +114,30 @@ def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: in
   return np.stack(pixels), {key: np.stack([label[key] for label in labels]) for key in labels[0]}
 
 
+def code_basis(channels: int) -> np.ndarray:
+  """float[channels, CODE] orthonormal, fixed (seeded): the directions of the fused stream that must carry the code."""
+  return np.linalg.qr(np.random.default_rng(CODE_SEED).normal(size=(channels, CODE)))[0].astype(np.float32)
+
+
+def code_target(labels):
+  """Per patch: CODE_SCALE x [object, colour one-hot, shape one-hot, the 4 tenths digits one-hot] (zero on
+  background) -> float[..., CODE]."""
+  on = (labels["shape"] > 0).astype(jnp.float32)[..., None]
+  colour = jax.nn.one_hot(labels["colour"] - 1, len(shapes.COLORS))
+  shape = jax.nn.one_hot(labels["shape"] - 1, len(shapes.SHAPES))
+  tenths = jax.nn.one_hot(labels["digits"][..., 1::3], 10).reshape(*labels["digits"].shape[:-1], 40)
+  return CODE_SCALE * on * jnp.concatenate([jnp.ones_like(on), colour, shape, tenths], axis=-1)
+
+
 class Heads(nn.Module):
-  """Linear read-outs of the towers' outputs (see the module docstring): -> a dict of logits / boxes."""
+  """Linear read-outs of the towers' outputs (see the module docstring): -> a dict of logits / boxes, the grid
+  tokens' projection on the code directions (`code`) and their squared norms (`energy`)."""
 
   @nn.compact
   def __call__(self, ensemble, queries):
     grid = ensemble[:, 1:]
-    out = {"object": nn.Dense(1, name="object")(grid)[..., 0],
+    out = {"code": grid @ code_basis(grid.shape[-1]), "energy": jnp.sum(grid ** 2, axis=-1),
+           "object": nn.Dense(1, name="object")(grid)[..., 0],
            "shape": nn.Dense(len(shapes.SHAPES), name="shape")(grid),
            "colour": nn.Dense(len(shapes.COLORS), name="colour")(grid),
            "box": nn.Dense(4, name="box")(grid),
@@ -123,8 +154,8 @@ class Heads(nn.Module):
 
 def losses(out, labels):
   """Objectness BCE over all patches; shape, colour and printed-digit cross-entropies and the L1 box error (x2.5)
-  over object patches only (background would otherwise swamp them); the scene BCEs and count cross-entropies
-  -> (total, parts)."""
+  over object patches only (background would otherwise swamp them); the squared error of the code over all
+  patches; the scene BCEs and count cross-entropies -> (total, parts)."""
   on = labels["shape"] > 0
   count = jnp.maximum(on.sum(), 1)
   on_object = lambda per_patch: jnp.sum(jnp.where(on, per_patch, 0.0)) / count
@@ -133,7 +164,8 @@ def losses(out, labels):
            "shape": on_object(class_loss(out["shape"], jnp.maximum(labels["shape"] - 1, 0))),
            "colour": on_object(class_loss(out["colour"], jnp.maximum(labels["colour"] - 1, 0))),
            "box": 2.5 * on_object(jnp.sum(jnp.abs(out["box"] - labels["box"]), axis=-1)),
-           "digits": on_object(class_loss(out["digits"], labels["digits"]).mean(axis=-1))}
+           "digits": on_object(class_loss(out["digits"], labels["digits"]).mean(axis=-1)),
+           "code": jnp.mean(jnp.sum((out["code"] - code_target(labels)) ** 2, axis=-1))}
   for name in ("ensemble", "queries"):
     if f"pairs_{name}" in out:
       parts[f"pairs_{name}"] = optax.sigmoid_binary_cross_entropy(out[f"pairs_{name}"], labels["pairs"]).mean()
@@ -141,22 +173,29 @@ def losses(out, labels):
   return sum(parts.values()), parts
 
 
+def encode(towers, tower_params, pixels, model_config):
+  """uint8 pixels [N, S, S, 3] -> the towers' (fused stream float[N, 1 + g*g, C], Q-Former queries or None)."""
+  small, large = tower_views(model_images(pixels, model_config.image_size), model_config)
+  return towers.apply({"params": tower_params}, small[:, 0], large[:, 0])
+
+
 def build(model_config):
   """-> (towers, heads, forward(params, pixels) -> outputs) for the demo's model config."""
   towers, heads = Towers(model_config), Heads()
 
   def forward(params, pixels):
-    small, large = tower_views(model_images(pixels, model_config.image_size), model_config)
-    ensemble, queries = towers.apply({"params": params["towers"]}, small[:, 0], large[:, 0])
-    return heads.apply({"params": params["heads"]}, ensemble, queries)
+    return heads.apply({"params": params["heads"]}, *encode(towers, params["towers"], pixels, model_config))
   return towers, heads, forward
 
 
 def accuracy(out, labels):
   """Objectness accuracy over all patches; on object patches: shape and colour accuracy, the mean box L1, the
-  share of printed digits right and of printed coordinates within 0.02; per scene: count accuracy."""
+  share of printed digits right and of printed coordinates within 0.02, the tenths digits the code holds (its
+  largest entry per coordinate) and the share of the tokens' energy on their 7 true code directions (object,
+  colour, shape, 4 tenths; ~7 / 224 for random tokens); per scene: count accuracy."""
   on = labels["shape"] > 0
   digits = np.argmax(out["digits"], -1)[on]
+  code = np.asarray(out["code"])[on]
   hundredths = lambda d: d.reshape(-1, 4, 3) @ np.array([100, 10, 1])  # digits -> the 4 printed values x 100
   return {"object_acc": float(np.mean((np.asarray(out["object"]) > 0) == on)),
           "shape_acc": float(np.mean(np.argmax(out["shape"], -1)[on] + 1 == labels["shape"][on])),
@@ -164,7 +203,11 @@ def accuracy(out, labels):
           "box_l1": float(np.mean(np.abs(np.asarray(out["box"]) - labels["box"])[on])),
           "digits_acc": float(np.mean(digits == labels["digits"][on])),
           "printed_within_0.02": float(np.mean(np.abs(hundredths(digits) - hundredths(labels["digits"][on])) <= 2)),
-          "counts_acc": float(np.mean(np.argmax(out["counts_ensemble"], -1) == labels["counts"]))}
+          "counts_acc": float(np.mean(np.argmax(out["counts_ensemble"], -1) == labels["counts"])),
+          "code_tenths_acc": float(np.mean(np.argmax(code[:, CODE - 40:].reshape(-1, 4, 10), -1)
+                                           == labels["digits"][on][:, 1::3])),
+          "code_energy": float(np.sum(np.where(np.asarray(code_target(labels))[on] > 0, code, 0.0) ** 2)
+                               / np.sum(np.asarray(out["energy"])[on]))}
 
 
 def train(steps: int, batch: int, lr: float, seed: int = 0, log=print):
