@@ -21,7 +21,8 @@ its box from them; tools/selective_copy_probe.py and the eleventh session's prob
 (NOTES.md) show the demo's decoder learns that selection when each token carries its box as a few clean one-hots
 (even 72%-right ones), and not when the box is spread over the towers' learnt read-out directions: a held-out
 "4 tenths right" of 0.68 / 0.18 / 0.10 on scenes of 1 / 2 / 3 shapes without the code (below picking a shape at
-random: the decoder blends), 0.76 / 0.42 / 0.24 with it.
+random: the decoder blends), 0.76 / 0.42 / 0.24 and 0.71 / 0.31 / 0.10 with it (two runs, two trainings of the
+towers): better on 2 shapes, not yet on 3.
 Why the digits and counts: with the box only as numbers, the demo's dim-128 decoder never learned to print boxes
 (REC mean IoU 0.03-0.06 after 400 steps of REC alone): the towers carried the box in 0.5% of their output variance
 (colour 41%, shape 19%), and turning a continuous feature into decimal digits is slow for a tiny decoder. Asking
