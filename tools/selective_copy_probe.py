@@ -80,7 +80,7 @@ def world_scenes(tokens: str, seed: int, count: int, towers_dir: str | None):
   from configs.assets import make_demo_towers as towers_script
   from sphinx_jax import checkpoint
   from sphinx_jax.config import patch_grid
-  from sphinx_jax.data import shapes, tasks
+  from sphinx_jax.data import shapes
   model = demo.get_config().model
   world = shapes.World(seed=seed, max_objects=demo.MAX_OBJECTS, object_sides=demo.OBJECT_SIDES)
   if tokens == "towers":
@@ -89,13 +89,12 @@ def world_scenes(tokens: str, seed: int, count: int, towers_dir: str | None):
     encode = jax.jit(lambda pixels: towers_script.encode(towers, params["towers"], pixels, model)[0][:, 1:])
   rng, features, scene_objects = np.random.default_rng([seed, 1]), [], []
   for start in range(0, count, 64):
+    framed = []
     pixels, labels = towers_script.scene_batch(world, start, min(64, count - start), model.image_size,
-                                               patch_grid(model))
-    for i in range(start, start + len(pixels)):
-      _, (w, h), objects = world.scene(i, "shapes")
-      scene_objects.append([(list(shapes.COLORS).index(o.color), shapes.SHAPES.index(o.shape),
-                             np.array(towers_script.printed_digits(tasks.Frame(w, h).normalise(o.box)))[PRINTED])
-                            for o in objects])
+                                               patch_grid(model), framed)
+    scene_objects += [[(list(shapes.COLORS).index(o.color), shapes.SHAPES.index(o.shape),
+                        np.array(towers_script.printed_digits(frame.normalise(o.box)))[PRINTED]) for o in objects]
+                      for frame, objects in framed]
     features.append(np.asarray(encode(pixels)) if tokens == "towers" else ideal_tokens(labels, tokens, rng))
   return np.concatenate(features), scene_objects
 

@@ -105,13 +105,16 @@ def dense_labels(frame: tasks.Frame, objects, grid: int) -> dict[str, np.ndarray
           "digits": digits.reshape(-1, DIGITS), "pairs": pairs, "counts": counts}
 
 
-def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: int):
-  """Scenes start..start+count-1 -> uint8 pixels [N, S, S, 3] and their stacked dense labels."""
+def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: int, objects_out: list | None = None):
+  """Scenes start..start+count-1 -> uint8 pixels [N, S, S, 3] and their stacked dense labels; appends each scene's
+  (frame, shapes) to `objects_out` when given."""
   pixels, labels = [], []
   for i in range(start, start + count):
     img, (w, h), objects = world.scene(i, "shapes")
     pixels.append(image_data.padded_resize(img, size))
     labels.append(dense_labels(tasks.Frame(w, h), objects, grid))
+    if objects_out is not None:
+      objects_out.append((tasks.Frame(w, h), objects))
   return np.stack(pixels), {key: np.stack([label[key] for label in labels]) for key in labels[0]}
 
 
