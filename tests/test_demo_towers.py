@@ -33,6 +33,18 @@ def test_dense_labels_mark_the_patches_whose_centre_is_in_the_box():
   np.testing.assert_array_equal(labels["counts"], [shape == "square" for shape in shapes.SHAPES])
 
 
+def test_code_target_is_the_scaled_one_hots_of_object_colour_shape_and_tenths():
+  square = shapes.Shape("square", "blue", (0, 0, 100, 50))  # prints [0.00,0.25,0.50,0.50] (test above)
+  labels = towers_script.dense_labels(tasks.Frame(200, 100), [square], 4)
+  code = np.asarray(towers_script.code_target(labels))
+  colours, kinds = len(shapes.COLORS), len(shapes.SHAPES)
+  expected = np.zeros(towers_script.CODE)
+  expected[[0, 1 + list(shapes.COLORS).index("blue"), 1 + colours + shapes.SHAPES.index("square")]] = 1
+  expected[1 + colours + kinds + 10 * np.arange(4) + np.array([0, 2, 5, 5])] = 1
+  np.testing.assert_array_equal(code[4], towers_script.CODE_SCALE * expected)
+  assert not code[[0, 1, 2, 3, 6]].any()  # background patches carry no code
+
+
 def test_printed_digits_follow_the_answer_text():
   assert towers_script.printed_digits([0.526, 0.0, 1.0, 0.999]) == [0, 5, 3, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 

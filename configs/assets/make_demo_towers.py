@@ -110,11 +110,12 @@ def scene_batch(world: shapes.World, start: int, count: int, size: int, grid: in
   (frame, shapes) to `objects_out` when given."""
   pixels, labels = [], []
   for i in range(start, start + count):
-    img, (w, h), objects = world.scene(i, "shapes")
+    img, size_wh, objects = world.scene(i, "shapes")
+    frame = tasks.Frame(*size_wh)
     pixels.append(image_data.padded_resize(img, size))
-    labels.append(dense_labels(tasks.Frame(w, h), objects, grid))
+    labels.append(dense_labels(frame, objects, grid))
     if objects_out is not None:
-      objects_out.append((tasks.Frame(w, h), objects))
+      objects_out.append((frame, objects))
   return np.stack(pixels), {key: np.stack([label[key] for label in labels]) for key in labels[0]}
 
 
