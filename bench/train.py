@@ -80,6 +80,7 @@ def mid_config():
   c = demo.get_config()
   c.model.llm.update(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, multiple_of=256)
   c.data.global_batch_size = 2
+  c.train.llm_from = ""  # the demo's pre-trained decoder is dim 128; speed needs no weights
   return c
 
 
@@ -91,7 +92,8 @@ def quick_config():
   c.model.dinov2.depth = 1
   c.model.llm.update(n_layers=1)
   c.data.global_batch_size = 2
-  c.train.towers_from = ""  # the demo's pre-trained towers are all four at full tiny depth; speed needs no weights
+  # the demo's pre-trained towers and decoder are at full tiny depth; speed needs no weights
+  c.train.towers_from = c.train.llm_from = ""
   return c
 
 

@@ -139,14 +139,15 @@ def dataset_config(kind, path, ratio=1.0, **fields) -> ml_collections.ConfigDict
   kind: conversations | coco | vqav2 | text | arrayrecord | synthetic. path: the JSON/JSONL file, COCO
   annotations, VQAv2 questions, text file/folder, or prepared directory ("" for synthetic). fields: image_root,
   task (coco: detection | rec | reg | pose | layout; synthetic: a world task or a tuple of them), refs (coco
-  rec/reg), annotations (vqav2), split (arrayrecord), group (image | text; default text for kind text, else
-  image), seed / domain / length / turns / max_objects / object_sides (synthetic: the world's seed, "flat" |
-  "textured", records per epoch, questions per record, shapes per scene at most, (lo, hi) side of a shape as a
-  fraction of the image's shorter side).
+  rec/reg), annotations (vqav2), split (arrayrecord), group (image | text; default text for kind text or as_text,
+  else image), seed / domain / length / turns / max_objects / object_sides / as_text (synthetic: the world's seed,
+  "flat" | "textured", records per epoch, questions per record, shapes per scene at most, (lo, hi) side of a shape
+  as a fraction of the image's shorter side, the scene described in words instead of shown).
   """
   c = ml_collections.ConfigDict(dict(kind=kind, path=path, ratio=float(ratio), image_root=None, task=None,
                                      refs=None, annotations=None, split=None, group=None, seed=None, domain=None,
-                                     length=None, turns=None, max_objects=None, object_sides=None))
+                                     length=None, turns=None, max_objects=None, object_sides=None,
+                                     as_text=None))
   c.update(fields)
   return c
 
@@ -250,12 +251,14 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     for `mix`, `load` and `init_from`.
   towers_from: a model directory whose `towers` tree replaces the initial towers (fresh or from `init_from`):
     pretrained encoders for a new model.
+  llm_from: the same for the `llm` tree: a pretrained decoder (a converted LLaMA, a text-only run's export) for a
+    new model whose fusion starts fresh.
   """
   c = ml_collections.ConfigDict(dict(
       num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
       clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
       eval_at_start=False, checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
-      export_to="", towers_from="",
+      export_to="", towers_from="", llm_from="",
   ))
   c.update(overrides)
   return c

@@ -236,3 +236,25 @@ def test_multi_turn_samples_extend_the_single_turn_one():
     world.sample(0, "vqa", turns=0)
   source = shapes.WorldSource(world, ("vqa",), length=3, turns=3)
   assert source[1] == world.sample(1, "vqa", turns=3)[1]
+
+
+def test_a_scene_as_text_names_every_shape_of_the_drawn_scene_with_its_box():
+  world = shapes.World(seed=6, max_objects=3, object_sides=(0.25, 0.45))
+  orders = set()
+  for i in range(20):
+    img, drawn, truth = world.sample(i, "rec", turns=3)
+    none, described, text_truth = world.sample(i, "rec", turns=3, as_text=True)
+    assert none is None and described.image is None and drawn.image is not None
+    assert text_truth["objects"] == truth["objects"]
+    first, rest = described.conversations[0]["value"].split("\n", 1)
+    assert rest == drawn.conversations[0]["value"] and described.conversations[1:] == drawn.conversations[1:]
+    frame = tasks.Frame(*truth["size"])
+    found = [(name, box) for name, boxes in tasks.phrases(first) for box in boxes]
+    printed = [(o.name, tasks.all_boxes(tasks.encode(frame, [o.box]))[0]) for o in truth["objects"]]
+    assert first.startswith("There is ") and sorted(found) == sorted(printed)
+    orders.add([name for name, _ in found] == [name for name, _ in printed])
+  assert orders == {True, False}  # the order is drawn, not the scene's
+  source = sources.open_source("t", cfg.dataset_config("synthetic", "", task="vqa", seed=6, as_text=True))
+  assert source[4] == shapes.World(seed=6).sample(4, "vqa", as_text=True)[1]
+  with pytest.raises(SphinxError, match="as_text describes shapes scenes only; task 'pose'"):
+    world.sample(0, "pose", as_text=True)

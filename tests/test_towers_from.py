@@ -1,5 +1,6 @@
-"""`train.towers_from`: the `towers` tree of a model directory replaces the initial towers (the decoder keeps its
-own init); towers of another size or with a tower missing are refused with the key and the leaf named."""
+"""`train.towers_from` / `train.llm_from`: the `towers` / `llm` tree of a model directory replaces the initial one
+(the rest keeps its own init); trees of another size or with a tower missing are refused with the key and the leaf
+named."""
 import jax
 import numpy as np
 import pytest
@@ -28,15 +29,15 @@ def tiny(seed=0, **train):
   return c
 
 
-def save_towers(path, params, c):
-  return checkpoint.save_model_dir(path, {"towers": params["towers"]}, c)
+def save_part(path, params, part, c):
+  return checkpoint.save_model_dir(path, {part: params[part]}, c)
 
 
 @pytest.fixture(scope="module")
 def donor(tmp_path_factory):
   """(params of seed 1, a model directory holding their towers)."""
   params = initial(tiny(seed=1))
-  return params, str(save_towers(tmp_path_factory.mktemp("towers") / "donor", params, tiny(seed=1)))
+  return params, str(save_part(tmp_path_factory.mktemp("towers") / "donor", params, "towers", tiny(seed=1)))
 
 
 def test_towers_come_from_the_directory_and_the_rest_from_the_fresh_init(donor):
@@ -55,7 +56,7 @@ def test_towers_of_another_width_are_refused_naming_the_leaf(donor, tmp_path):
   towers = checkpoint.flatten(params["towers"])
   leaf = next(p for p in towers if p.startswith("dinov2/") and p.endswith("kernel"))
   towers[leaf] = np.zeros(towers[leaf].shape[:-1] + (towers[leaf].shape[-1] + 1,), towers[leaf].dtype)
-  path = save_towers(tmp_path / "wider", {"towers": checkpoint.unflatten(towers)}, tiny(seed=1))
+  path = save_part(tmp_path / "wider", {"towers": checkpoint.unflatten(towers)}, "towers", tiny(seed=1))
   with pytest.raises(SphinxError, match=rf"config\.train\.towers_from=.*towers/{leaf} has shape"):
     initial(tiny(towers_from=str(path)))
 
@@ -63,6 +64,33 @@ def test_towers_of_another_width_are_refused_naming_the_leaf(donor, tmp_path):
 def test_a_missing_tower_is_refused(donor, tmp_path):
   params, _ = donor
   towers = {k: v for k, v in params["towers"].items() if k != "qformer"}
-  path = save_towers(tmp_path / "three", {"towers": towers}, tiny(seed=1))
+  path = save_part(tmp_path / "three", {"towers": towers}, "towers", tiny(seed=1))
   with pytest.raises(SphinxError, match=r"towers_from=.*missing \['towers/qformer/"):
     initial(tiny(towers_from=str(path)))
+
+
+def test_the_decoder_comes_from_its_directory_and_the_rest_from_the_fresh_init(donor, tmp_path):
+  params, _ = donor
+  path = str(save_part(tmp_path / "llm", params, "llm", tiny(seed=1)))
+  fresh, loaded = initial(tiny(seed=0)), initial(tiny(seed=0, llm_from=path))
+  assert_same_tree(loaded["llm"], params["llm"])
+  assert_same_tree({k: v for k, v in loaded.items() if k != "llm"}, {k: v for k, v in fresh.items() if k != "llm"})
+  assert not np.array_equal(fresh["llm"]["lm_head"]["kernel"], params["llm"]["lm_head"]["kernel"])
+
+
+def test_both_parts_from_directories_leave_only_the_fusion_fresh(donor, tmp_path):
+  params, path = donor
+  llm = str(save_part(tmp_path / "llm", params, "llm", tiny(seed=1)))
+  fresh, loaded = initial(tiny(seed=0)), initial(tiny(seed=0, towers_from=path, llm_from=llm))
+  assert_same_tree({k: loaded[k] for k in ("llm", "towers")}, {k: params[k] for k in ("llm", "towers")})
+  assert_same_tree(loaded["fusion"], fresh["fusion"])
+
+
+def test_a_decoder_of_another_width_is_refused_naming_the_leaf(donor, tmp_path):
+  params, _ = donor
+  llm = checkpoint.flatten(params["llm"])
+  leaf = next(p for p in llm if p.endswith("kernel"))
+  llm[leaf] = np.zeros(llm[leaf].shape[:-1] + (llm[leaf].shape[-1] + 1,), llm[leaf].dtype)
+  path = save_part(tmp_path / "wider", {"llm": checkpoint.unflatten(llm)}, "llm", tiny(seed=1))
+  with pytest.raises(SphinxError, match=rf"config\.train\.llm_from=.*llm/{leaf} has shape"):
+    initial(tiny(llm_from=str(path)))

@@ -413,7 +413,7 @@ def make_iterator(data, tokenizer, *, image_size: int, image_words: int, shard_i
     cfg = data.datasets[name]
     if cfg.ratio <= 0:
       continue
-    group = cfg.get("group") or ("text" if cfg.kind == "text" else "image")
+    group = cfg.get("group") or ("text" if cfg.kind == "text" or cfg.get("as_text") else "image")
     if group not in GROUPS:
       raise SphinxError(f"config.data.datasets.{name}.group: {group!r}; use one of {GROUPS}.")
     specs[group].append(DatasetSpec(name, sources_lib.open_source(name, cfg), float(cfg.ratio)))

@@ -11,6 +11,7 @@ weight-mixing recipe.
 MapDataset needs; all tasks asked about one kind of scene at one index see the same image. The Record's
 conversation is rendered with `data/tasks.py` and its image is BMP bytes (lossless and fast to encode);
 `truth` is a dict in pixels of the original image (see `World.sample`); `WorldSource` serves Records by index.
+`as_text` serves the same shapes scenes described in words (`describe`) instead of drawn, for text-only training.
 Writers put samples on disk in the formats the readers of `data/sources.py` consume: LLaMA2-Accessory
 conversations, COCO (instances, refs, person keypoints, layout) and VQAv2 (questions + annotations).
 Boxes are [x1, y1, x2, y2] pixel edges: a shape drawn on pixels x0..x0+s-1 has the box [x0, ., x0+s, .];
@@ -277,9 +278,25 @@ def _article(name: str) -> str:
   return "an" if name[0] in "aeiou" else "a"
 
 
+def _joined(pieces) -> str:
+  """['a', 'b', 'c'] -> 'a, b and c'."""
+  return pieces[0] if len(pieces) == 1 else ", ".join(pieces[:-1]) + " and " + pieces[-1]
+
+
 def _listing(names) -> str:
-  names = [f"{_article(n)} {n}" for n in names]
-  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+  return _joined([f"{_article(n)} {n}" for n in names])
+
+
+def _grounded_sentence(frame, objects) -> str:
+  """'There is a <p>red square</p>[x1,y1,x2,y2] and a ...' naming `objects` in their order (grounded captions)."""
+  return "There is " + _joined([f"{_article(o.name)} {tasks.grounded([(o.name, [frame.normalise(o.box)])])}"
+                                for o in objects]) + "."
+
+
+def describe(frame, objects, rng) -> str:
+  """A shapes scene in words, every shape with its box as the grounded captions print them, in a random order (the
+  order says nothing the image would not: the world's grounded captions go left to right)."""
+  return _grounded_sentence(frame, [objects[k] for k in rng.permutation(len(objects))])
 
 
 def vqa_question(rng, objects):
@@ -336,12 +353,16 @@ class World:
   def _rng(self, index, *stream):
     return np.random.default_rng([self.seed, index, *stream])
 
+  def shapes_of(self, index: int):
+    """-> ((W, H), shapes) of the shapes scene at `index`, without drawing it (`scene` draws the same one)."""
+    return shapes_scene(self._rng(index, _KIND["shapes"]), *self.sizes, self.max_objects, self.object_sides)
+
   def scene(self, index: int, kind: str):
     """-> (PIL.Image, (W, H), objects) for one scene; the same for every task asked about it."""
     rng = self._rng(index, _KIND[kind])
     style = self._rng(index, _KIND[kind], 10 + DOMAINS.index(self.domain))
     if kind == "shapes":
-      size, objects = shapes_scene(rng, *self.sizes, self.max_objects, self.object_sides)
+      size, objects = self.shapes_of(index)
       img = Image.new("RGB", size, BACKGROUND)
       draw = ImageDraw.Draw(img)
       for o in objects:
@@ -364,7 +385,7 @@ class World:
       img = _texture(img, style)
     return img, size, objects
 
-  def sample(self, index: int, task: str, turns: int = 1):
+  def sample(self, index: int, task: str, turns: int = 1, as_text: bool = False):
     """-> (PIL.Image, Record, truth). truth always has "size" (W, H) and "objects" (the scene's Shape /
     Person / Block list) plus, per task: vqa: question, answer, question_type; conversation: answers;
     rec, reg: expression, box; grounded_caption: phrases [(phrase, box)]; detection: class, boxes;
@@ -374,39 +395,48 @@ class World:
     (the way LLaVA-style training data group the questions of an image, so one image forward serves several
     answers); the first turn and `truth` are those of turns=1, truth["turns"] lists every turn's fields. Tasks
     with one possible question per scene give fewer turns.
+
+    as_text: the scene in words instead of an image (shapes-scene tasks only): the Record has no image and its
+    first question starts with `describe`'s sentence; the image is None. The text-only pre-training of a decoder
+    that later reads the image (configs/demo.py `llm`), as SPHINX starts from a language model.
     """
     if task not in WORLD_TASKS:
       raise SphinxError(f"shapes world: no task {task!r}; use one of {WORLD_TASKS}")
     if turns < 1:
       raise SphinxError(f"shapes world: turns={turns}; use 1 or more")
-    img, size, objects = self.scene(index, kind_of(task))
+    if as_text and kind_of(task) != "shapes":
+      raise SphinxError(f"shapes world: as_text describes shapes scenes only; task {task!r} has {kind_of(task)} "
+                        "scenes")
+    img, size, objects = (None, *self.shapes_of(index)) if as_text else self.scene(index, kind_of(task))
     frame = tasks.Frame(*size)
     rng = self._rng(index, 100 + WORLD_TASKS.index(task))
     qa, truth = _ask(task, rng, frame, objects)
     if turns > 1:
       qa, truth["turns"] = _more_turns(task, rng, frame, objects, qa, truth, turns)
     truth.update(size=size, objects=objects)
+    if as_text:
+      qa = [describe(frame, objects, self._rng(index, 200)) + "\n" + qa[0], *qa[1:]]
     turns = tuple({"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(qa))
-    buf = io.BytesIO()
-    img.save(buf, format="BMP")  # lossless like PNG, 25x faster to write (PNG filtering dominated sample time)
-    record = Record(id=f"shapes/{self.seed}/{self.domain}/{task}/{index}", task=task, conversations=turns,
-                    image=buf.getvalue())
+    record = Record(id=f"shapes/{self.seed}/{self.domain}/{task}/{index}" + ("/text" if as_text else ""),
+                    task=task, conversations=turns, image=None if as_text else _bmp(img))
     return img, record, truth
 
 
 class WorldSource:
   """The world as a random-access record source (len + getitem, what a Grain MapDataset wraps).
 
-  Item i asks tasks[i % len(tasks)] about scene i // len(tasks) (`turns` questions, World.sample); `length`
-  items in all.
+  Item i asks tasks[i % len(tasks)] about scene i // len(tasks) (`turns` questions, World.sample; `as_text`: the
+  scene described in words, no image); `length` items in all.
   """
 
-  def __init__(self, world: World, task_names: tuple = WORLD_TASKS, length: int = 10_000, turns: int = 1):
+  def __init__(self, world: World, task_names: tuple = WORLD_TASKS, length: int = 10_000, turns: int = 1,
+               as_text: bool = False):
     unknown = sorted(set(task_names) - set(WORLD_TASKS))
     if unknown or not task_names or length < 1 or turns < 1:
       raise SphinxError(f"shapes source: tasks {list(task_names)} / length {length} / turns {turns}: use tasks "
                         f"from {WORLD_TASKS}, length >= 1 and turns >= 1")
     self.world, self.tasks, self.length, self.turns = world, tuple(task_names), int(length), int(turns)
+    self.as_text = bool(as_text)
 
   def __len__(self) -> int:
     return self.length
@@ -415,7 +445,7 @@ class WorldSource:
     if not 0 <= index < self.length:
       raise IndexError(f"shapes source: index {index} outside [0, {self.length})")
     n = len(self.tasks)
-    return self.world.sample(index // n, self.tasks[index % n], self.turns)[1]
+    return self.world.sample(index // n, self.tasks[index % n], self.turns, self.as_text)[1]
 
 
 def _more_turns(task, rng, frame, objects, qa, truth, turns):
@@ -449,9 +479,8 @@ def _ask(task, rng, frame, objects):
     return [tasks.reg_prompt(box_text), o.name], {"expression": o.name, "box": o.box}
   if task == "grounded_caption":
     ordered = sorted(objects, key=lambda o: o.centre[0])
-    pieces = [f"{_article(o.name)} {tasks.grounded([(o.name, [frame.normalise(o.box)])])}" for o in ordered]
-    text = pieces[0] if len(pieces) == 1 else ", ".join(pieces[:-1]) + " and " + pieces[-1]
-    return [tasks.GROUNDED_CAPTION_PROMPT, f"There is {text}."], {"phrases": [(o.name, o.box) for o in ordered]}
+    return [tasks.GROUNDED_CAPTION_PROMPT, _grounded_sentence(frame, ordered)], \
+        {"phrases": [(o.name, o.box) for o in ordered]}
   if task == "detection":
     cls = SHAPES[int(rng.integers(len(SHAPES)))]
     boxes = [o.box for o in sorted(objects, key=lambda o: o.centre[0]) if o.shape == cls]
@@ -466,6 +495,12 @@ def _ask(task, rng, frame, objects):
   blocks = [(b.cls, b.box) for b in objects]
   answer = tasks.layout_answer([(c, frame.normalise(b)) for c, b in blocks])
   return [tasks.LAYOUT_PROMPT, answer], {"blocks": blocks}
+
+
+def _bmp(img) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="BMP")  # lossless like PNG, 25x faster to write (PNG filtering dominated sample time)
+  return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- writers

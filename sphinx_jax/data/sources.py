@@ -420,5 +420,6 @@ def open_source(name: str, cfg):
                          max_objects=cfg.get("max_objects") or 5,
                          object_sides=tuple(cfg.get("object_sides") or shapes.OBJECT_SIDES))
     return shapes.WorldSource(world, (task,) if isinstance(task, str) else tuple(task),
-                              length=cfg.get("length") or 100_000, turns=cfg.get("turns") or 1)
+                              length=cfg.get("length") or 100_000, turns=cfg.get("turns") or 1,
+                              as_text=bool(cfg.get("as_text")))
   raise SphinxError(f"config.data.datasets.{name}.kind: unknown kind {kind!r}; use one of {KINDS}.")

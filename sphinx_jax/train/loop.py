@@ -111,25 +111,29 @@ def apply_fn(model: Sphinx):
   return apply
 
 
+PARTS_FROM = {"towers": "towers_from", "llm": "llm_from"}  # model part -> the train key naming its directory
+
+
 def initial_params(config, boxed_init, shardings):
   """Fresh params, or `train.init_from` (a model directory from convert/mix/train), placed on the mesh; then the
-  towers of `train.towers_from` when set."""
-  init_from, towers_from = config.train.get("init_from"), config.train.get("towers_from")
-  expected = flatten(sh.strip_boxes(jax.eval_shape(boxed_init))) if init_from or towers_from else {}
-  towers = None
-  if towers_from:
-    # SPHINX always starts from pretrained encoders: these come from one directory while the decoder comes from a
-    # fresh init or `init_from` (the demo's towers are pre-trained by configs/assets/make_demo_towers.py).
-    # Read first, so that a directory that does not fit fails before the (large) fresh init.
-    tower_shardings = {p: s for p, s in flatten(shardings).items() if p.startswith("towers/")}
-    towers = _stored_params("towers_from", towers_from, expected, tower_shardings, ("towers",))["towers"]
+  parts named by `train.towers_from` / `train.llm_from` when set."""
+  init_from = config.train.get("init_from")
+  parts_from = {part: config.train.get(key) for part, key in PARTS_FROM.items() if config.train.get(key)}
+  expected = flatten(sh.strip_boxes(jax.eval_shape(boxed_init))) if init_from or parts_from else {}
+  # SPHINX always starts from a pretrained LLM and pretrained encoders: these come from their own directories
+  # while the rest comes from a fresh init or `init_from` (the demo: configs/assets/make_demo_towers.py, demo.py:llm).
+  # Read first, so that a directory that does not fit fails before the (large) fresh init.
+  replaced = {}
+  for part, path in parts_from.items():
+    part_shardings = {p: s for p, s in flatten(shardings).items() if p.startswith(f"{part}/")}
+    replaced[part] = _stored_params(PARTS_FROM[part], path, expected, part_shardings, (part,))[part]
   if init_from:
     # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
     # never uses) stay in the source directory.
     params = _stored_params("init_from", init_from, expected, flatten(shardings), MODEL_PARTS)
   else:
     params = jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
-  return params if towers is None else {**params, "towers": towers}
+  return {**params, **replaced}
 
 
 def _stored_params(key, path, expected, shardings, parts):
