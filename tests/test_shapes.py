@@ -258,3 +258,5 @@ def test_a_scene_as_text_names_every_shape_of_the_drawn_scene_with_its_box():
   assert source[4] == shapes.World(seed=6).sample(4, "vqa", as_text=True)[1]
   with pytest.raises(SphinxError, match="as_text describes shapes scenes only; task 'pose'"):
     world.sample(0, "pose", as_text=True)
+  with pytest.raises(SphinxError, match=r"datasets\.chat\.as_text: only the synthetic world"):
+    sources.open_source("chat", cfg.dataset_config("conversations", "chat.jsonl", as_text=True))

@@ -403,6 +403,9 @@ KINDS = ("conversations", "coco", "vqav2", "text", "arrayrecord", "synthetic")
 def open_source(name: str, cfg):
   """A data-config dataset entry (see config.dataset_config) -> its source object."""
   kind = cfg.kind
+  if cfg.get("as_text") and kind != "synthetic":
+    raise SphinxError(f"config.data.datasets.{name}.as_text: only the synthetic world describes its scenes in words; "
+                      f"remove it from this {kind!r} dataset.")
   if kind == "conversations":
     return ConversationSource(cfg.path, cfg.get("image_root"), name=name)
   if kind == "coco":
