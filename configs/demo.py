@@ -56,8 +56,9 @@ def llm_config():
   random order) instead of shown, on world seeds the demo does not train on. configs/assets/demo_llm is its export:
   sphinx-jax train --config configs/demo.py:llm --workdir DIR --config.train.export_to=configs/assets/demo_llm
   (1200 steps of 32 conversations, ~19 min on 2 cores; answer tokens 0.92 right at the end)."""
-  model = cfg.model_config(variant_config("tiny_sphinx").model.llm, (), 0, 1, variant="llama", llama_type="llama")
-  model.dtype = "float32"
+  tiny = variant_config("tiny_sphinx").model  # the demo's model before its sizes: the same decoder and dtypes
+  model = cfg.model_config(tiny.llm, (), 0, 1, dtype=tiny.dtype, param_dtype=tiny.param_dtype, variant="llama",
+                           llama_type="llama")
   _demo_llm(model.llm)
   c = cfg.base_config(model)
   c.data = cfg.data_config(

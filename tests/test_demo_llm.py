@@ -19,6 +19,7 @@ def test_the_pre_training_config_trains_the_demos_decoder_on_described_scenes():
   text, c = demo.get_config("llm"), demo.get_config()
   validate(text, 1, training=True)
   assert text.model.llm == c.model.llm and not text.model.towers and text.train.trainable == "llm"
+  assert (text.model.dtype, text.model.param_dtype) == (c.model.dtype, c.model.param_dtype)
   assert all(d.as_text and d.kind == "synthetic" for d in text.data.datasets.values())
   assert not {d.seed for d in text.data.datasets.values()} & {d.seed for d in c.data.datasets.values()}
   with pytest.raises(SphinxError, match="configs/demo.py: no preset 'tiny'"):
