@@ -9,7 +9,8 @@ import sphinx_jax
 from configs import demo
 from sphinx_jax import checkpoint
 from sphinx_jax.config import validate
-from sphinx_jax.data import conversation, shapes
+from sphinx_jax.data import conversation, pipeline, shapes
+from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models.sphinx import Sphinx
 from sphinx_jax.train import loop
@@ -24,6 +25,15 @@ def test_the_pre_training_config_trains_the_demos_decoder_on_described_scenes():
   assert not {d.seed for d in text.data.datasets.values()} & {d.seed for d in c.data.datasets.values()}
   with pytest.raises(SphinxError, match="configs/demo.py: no preset 'tiny'"):
     demo.get_config("tiny")
+
+
+def test_the_pre_training_batches_are_text_rows_that_start_with_a_description():
+  c = demo.get_config("llm")
+  c.data.update(global_batch_size=2, num_workers=0)
+  tokenizer = Tokenizer.from_file(c.data.tokenizer)
+  batch = next(pipeline.make_iterator(c.data, tokenizer, image_size=0, image_words=0, shard_index=0, shard_count=1))
+  assert "images" not in batch and batch["tokens"].shape == (2, demo.MAX_LEN)
+  assert all("There is " in tokenizer.decode([int(t) for t in row if t]) for row in batch["tokens"])
 
 
 def test_the_committed_decoder_fits_the_demo_model():

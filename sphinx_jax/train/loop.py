@@ -123,14 +123,15 @@ def initial_params(config, boxed_init, shardings):
   # SPHINX always starts from a pretrained LLM and pretrained encoders: these come from their own directories
   # while the rest comes from a fresh init or `init_from` (the demo: configs/assets/make_demo_towers.py, demo.py:llm).
   # Read first, so that a directory that does not fit fails before the (large) fresh init.
+  flat_shardings = flatten(shardings)
   replaced = {}
   for part, path in parts_from.items():
-    part_shardings = {p: s for p, s in flatten(shardings).items() if p.startswith(f"{part}/")}
+    part_shardings = {p: s for p, s in flat_shardings.items() if p.startswith(f"{part}/")}
     replaced[part] = _stored_params(PARTS_FROM[part], path, expected, part_shardings, (part,))[part]
   if init_from:
     # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
     # never uses) stay in the source directory.
-    params = _stored_params("init_from", init_from, expected, flatten(shardings), MODEL_PARTS)
+    params = _stored_params("init_from", init_from, expected, flat_shardings, MODEL_PARTS)
   else:
     params = jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
   return {**params, **replaced}
