@@ -1,5 +1,6 @@
-"""Training evaluation's scores, hand-computed: VQA accuracy per question type and the prior-only baseline; REC
-accuracy, mean IoU and accuracy per number of shapes in the scene."""
+"""Training evaluation's scores, hand-computed: VQA accuracy per question type and per number of shapes, the
+prior-only baseline, the asked shape's answer against another's; REC accuracy, mean IoU and accuracy per number of
+shapes in the scene."""
 import collections
 
 import pytest
@@ -16,6 +17,25 @@ def test_vqa_scores_by_hand():
   scores = evaluation.vqa_scores(["2", "1", " No"], truths, prior)
   assert scores == {"vqa/accuracy": pytest.approx(2 / 3), "vqa/prior_baseline": pytest.approx(1 / 3),
                     "vqa/accuracy/how_many": 0.5, "vqa/accuracy/is_the": 1.0}
+
+
+def test_vqa_scores_tell_the_asked_shape_from_another():
+  circle, square = shapes.Shape("circle", "red", (0, 0, 40, 40)), shapes.Shape("square", "blue", (60, 60, 99, 99))
+  red_square = shapes.Shape("square", "red", (0, 60, 40, 99))
+  colour = {"question_type": "what color is the", "answer": "red", "objects": [circle, square]}
+  shape = {"question_type": "what shape is the", "answer": "square", "objects": [circle, square]}
+  alone = {"question_type": "what color is the", "answer": "red", "objects": [circle]}
+  same_colour = {"question_type": "what shape is the", "answer": "circle", "objects": [circle, red_square, square]}
+  count = {"question_type": "how many", "answer": "1", "objects": [circle, square]}
+  answers = ["Red", "circle", "red", "square", "2"]  # right, another shape's, right alone, another's, wrong count
+  scores = evaluation.vqa_scores(answers, [colour, shape, alone, same_colour, count], {})
+  assert scores["vqa/accuracy/objects_1"] == 1.0 and scores["vqa/accuracy/objects_2"] == pytest.approx(1 / 3)
+  assert scores["vqa/accuracy/objects_3"] == 0.0
+  assert (scores["vqa/named_shape"], scores["vqa/other_shape"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+  # the blue object asked about where every shape is blue: no other answer to give, so it is not counted
+  blue = {"question_type": "what shape is the", "answer": "square", "objects": [square, shapes.Shape(
+      "square", "blue", (0, 0, 40, 40))]}
+  assert "vqa/other_shape" not in evaluation.vqa_scores(["square"], [blue], {})
 
 
 def test_rec_scores_by_hand():

@@ -5,6 +5,11 @@ Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our syntheti
                 question type (vqa/accuracy/how_many, …);
   vqa/prior_baseline  the same score for answering every question with its type's most frequent answer in
                 another sample of the world: what reading the question alone achieves, the bar image use must clear;
+  vqa/accuracy/objects_N  vqa/accuracy on the scenes of N shapes;
+  vqa/named_shape, vqa/other_shape  on the colour and shape questions about scenes where another shape's answer
+                would differ, how often the reply is the asked shape's colour / shape, and how often another
+                shape's: a model that reads some shape without following the question scores them about equally
+                on 2-shape scenes (the demo's tells that VQA, like REC, does not yet select; NOTES.md);
   rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
                 IoU >= 0.5 with the ground-truth box;
   rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold;
@@ -56,10 +61,8 @@ def rec_scores(answers, truths) -> dict[str, float]:
   """accuracy (IoU >= 0.5), mean IoU, accuracy per number of shapes in the scene, and how often the box fits
   another shape of a several-shape scene instead (truths: World.sample's, with "box", "size", "objects")."""
   ious = np.array([metrics.rec_iou(a, t["box"], *t["size"]) for a, t in zip(answers, truths)])
-  objects = np.array([len(t["objects"]) for t in truths])
   scores = {"rec/accuracy": float(np.mean(ious >= 0.5)), "rec/mean_iou": float(np.mean(ious))}
-  for n in sorted(set(objects.tolist())):
-    scores[f"rec/accuracy/objects_{n}"] = float(np.mean(ious[objects == n] >= 0.5))
+  scores.update(_by_objects("rec/accuracy", ious >= 0.5, truths))
   others = [max(metrics.rec_iou(a, o.box, *t["size"]) for o in t["objects"] if tuple(o.box) != tuple(t["box"]))
             for a, t in zip(answers, truths) if len(t["objects"]) > 1]
   if others:
@@ -67,13 +70,39 @@ def rec_scores(answers, truths) -> dict[str, float]:
   return scores
 
 
+# The questions that name one shape and ask its colour or shape (shapes.vqa_question) -> the Shape field asked.
+ASKED_ATTRIBUTE = {"what_color_is_the": "color", "what_shape_is_the": "shape"}
+
+
+def other_answers(truth) -> set[str]:
+  """What a colour / shape question would be answered with about the scene's other shapes, the right answer
+  excluded (empty for other questions, and where every shape gives the right answer)."""
+  attribute = ASKED_ATTRIBUTE.get(_kind(truth))
+  if attribute is None:
+    return set()
+  return {getattr(o, attribute) for o in truth.get("objects", ())} - {str(truth["answer"])}
+
+
+def _by_objects(prefix: str, correct, truths) -> dict[str, float]:
+  """prefix/objects_N: the mean of `correct` over the scenes of N shapes (truths without objects: none)."""
+  objects = np.array([len(t.get("objects", ())) for t in truths])
+  return {f"{prefix}/objects_{n}": float(np.mean(np.asarray(correct)[objects == n]))
+          for n in sorted(set(objects.tolist()) - {0})}
+
+
 def vqa_scores(answers, truths, prior: dict[str, str]) -> dict[str, float]:
-  """accuracy, accuracy per question type, and the prior-only baseline on the same questions."""
+  """accuracy, accuracy per question type and per number of shapes, the prior-only baseline on the same questions,
+  and on colour / shape questions with a distinguishable answer, the asked shape's answer against another's."""
   correct = [metrics.exact_match(a, str(t["answer"])) for a, t in zip(answers, truths)]
   scores = {"vqa/accuracy": float(np.mean(correct)),
             "vqa/prior_baseline": float(np.mean([prior.get(_kind(t)) == str(t["answer"]) for t in truths]))}
   for kind in sorted({_kind(t) for t in truths}):
     scores[f"vqa/accuracy/{kind}"] = float(np.mean([c for c, t in zip(correct, truths) if _kind(t) == kind]))
+  scores.update(_by_objects("vqa/accuracy", correct, truths))
+  selective = [(c, any(metrics.exact_match(a, o) for o in other_answers(t)))
+               for a, c, t in zip(answers, correct, truths) if other_answers(t)]
+  if selective:
+    scores["vqa/named_shape"], scores["vqa/other_shape"] = (float(x) for x in np.mean(selective, axis=0))
   return scores
 
 
