@@ -9,7 +9,7 @@ Metrics (eval/metrics.py, the benchmark evaluators' definitions, on our syntheti
   vqa/named_shape, vqa/other_shape  on the colour and shape questions about scenes where another shape's answer
                 would differ, how often the reply is the asked shape's colour / shape, and how often another
                 shape's: a model that reads some shape without following the question scores them about equally
-                on 2-shape scenes (the demo's tells that VQA, like REC, does not yet select; NOTES.md);
+                on 2-shape scenes (on the demo they show that VQA, like REC, does not yet select; NOTES.md);
   rec/accuracy  the first predicted box, mapped from the padded square back to the original image, has
                 IoU >= 0.5 with the ground-truth box;
   rec/mean_iou  that IoU averaged (0 for a reply without a box): progress before boxes reach the threshold;
@@ -99,8 +99,9 @@ def vqa_scores(answers, truths, prior: dict[str, str]) -> dict[str, float]:
   for kind in sorted({_kind(t) for t in truths}):
     scores[f"vqa/accuracy/{kind}"] = float(np.mean([c for c, t in zip(correct, truths) if _kind(t) == kind]))
   scores.update(_by_objects("vqa/accuracy", correct, truths))
-  selective = [(c, any(metrics.exact_match(a, o) for o in other_answers(t)))
-               for a, c, t in zip(answers, correct, truths) if other_answers(t)]
+  others = [other_answers(t) for t in truths]
+  selective = [(c, any(metrics.exact_match(a, o) for o in rest))
+               for a, c, rest in zip(answers, correct, others) if rest]
   if selective:
     scores["vqa/named_shape"], scores["vqa/other_shape"] = (float(x) for x in np.mean(selective, axis=0))
   return scores
