@@ -81,6 +81,7 @@ def mid_config():
   c.model.llm.update(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, multiple_of=256)
   c.data.global_batch_size = 2
   c.train.llm_from = ""  # the demo's pre-trained decoder is dim 128; speed needs no weights
+  c.train.cpu_library_fusions = True  # YNNPACK runs the dim-1024 products faster (BENCHMARKS.md)
   return c
 
 

@@ -253,12 +253,15 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     pretrained encoders for a new model.
   llm_from: the same for the `llm` tree: a pretrained decoder (a converted LLaMA, a text-only run's export) for a
     new model whose fusion starts fresh.
+  cpu_library_fusions: on the CPU, let XLA hand the step's products to YNNPACK (its default). Off, XLA's own dot
+    emitter runs them: faster for a small model's few-column products (configs/demo.py), slower for wide ones
+    (BENCHMARKS.md). Ignored on other devices.
   """
   c = ml_collections.ConfigDict(dict(
       num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
       clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
       eval_at_start=False, checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
-      export_to="", towers_from="", llm_from="",
+      export_to="", towers_from="", llm_from="", cpu_library_fusions=True,
   ))
   c.update(overrides)
   return c

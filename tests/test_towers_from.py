@@ -10,6 +10,7 @@ from checkpoint_helpers import assert_same_tree
 from configs.sphinx import variant_config
 from sphinx_jax import checkpoint
 from sphinx_jax import sharding as sh
+from sphinx_jax.convert.cli import set_layer_layout
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.train import loop
 
@@ -94,3 +95,26 @@ def test_a_decoder_of_another_width_is_refused_naming_the_leaf(donor, tmp_path):
   path = save_part(tmp_path / "wider", {"llm": checkpoint.unflatten(llm)}, "llm", tiny(seed=1))
   with pytest.raises(SphinxError, match=rf"config\.train\.llm_from=.*llm/{leaf} has shape"):
     initial(tiny(llm_from=str(path)))
+
+
+@pytest.mark.parametrize("donor_scan", [True, False])
+def test_a_decoder_of_the_other_layer_layout_fits(donor, tmp_path, donor_scan):
+  """A scanned export starts an unscanned model and back (train/stored.py), the same values in each layer."""
+  params, _ = donor
+  layout = set_layer_layout(params["llm"], tiny().model.llm.n_layers, donor_scan)
+  path = str(save_part(tmp_path / "llm", {"llm": layout}, "llm", tiny(seed=1)))
+  model = tiny(seed=0, llm_from=path)
+  model.model.llm.scan_layers = not donor_scan
+  loaded = initial(model)["llm"]
+  assert ("layers" in loaded) == (not donor_scan)
+  assert_same_tree(loaded, set_layer_layout(params["llm"], model.model.llm.n_layers, not donor_scan))
+
+
+def test_a_stack_deeper_than_the_model_is_refused(donor, tmp_path):
+  params, _ = donor
+  stacked = set_layer_layout(params["llm"], tiny().model.llm.n_layers, True)
+  path = str(save_part(tmp_path / "llm", {"llm": stacked}, "llm", tiny(seed=1)))
+  model = tiny(llm_from=path)
+  model.model.llm.update(scan_layers=False, n_layers=model.model.llm.n_layers - 1)
+  with pytest.raises(SphinxError, match=r"llm_from=.*llm/layers/.* holds \d+ layers, this model \d+"):
+    initial(model)

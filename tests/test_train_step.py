@@ -9,9 +9,12 @@ import pytest
 from flax import linen as nn
 
 from configs.demo import ASSETS
+from configs.llama import get_config as llama_config
 from configs.sphinx import variant_config
+from sphinx_jax import compile as aot
 from sphinx_jax import config as cfg
 from sphinx_jax import sharding as sh
+from sphinx_jax import topology
 from sphinx_jax.data import conversation, image as image_lib, shapes
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.train import loop, state as state_lib
@@ -116,3 +119,24 @@ def test_moe_load_balancing_loss_joins_the_objective():
   assert balance > 0
   np.testing.assert_allclose(float(metrics["aux_loss"]), 0.25 * balance, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["loss"]), float(ce), rtol=1e-5)  # the reported CE
+
+
+@pytest.mark.parametrize("fusions", [True, False])
+def test_cpu_library_fusions_switch_reaches_the_compiler(fusions):
+  """train.cpu_library_fusions off: the CPU step compiles with XLA's own dots, no YNNPACK fusion in the program."""
+  c = llama_config("tiny")
+  c.train.cpu_library_fusions = fusions
+  mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
+  with built(c, mesh) as (program, _):
+    text = aot.lower_train(program, c)().compile().as_text()
+  assert ("__ynn_fusion" in text) == fusions
+
+
+def test_cpu_library_fusions_leave_a_tpu_compile_alone():
+  """The CPU option is not handed to the compile of another platform (`sphinx-jax compile` for a TPU topology)."""
+  pytest.importorskip("libtpu")
+  c = llama_config("tiny")
+  c.train.cpu_library_fusions = False
+  mesh = sh.make_mesh(c.mesh, devices=topology.describe("v5e-4").devices)
+  assert loop.step_compiler_options(c.train, mesh) is None
+  assert loop.step_compiler_options(c.train, sh.make_mesh(c.mesh, devices=jax.devices()[:1])) is not None

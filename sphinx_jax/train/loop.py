@@ -25,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sphinx_jax import config as cfg
 from sphinx_jax import sharding as sh
-from sphinx_jax.checkpoint import abstract_params, flatten, restore_leaves, unflatten
+from sphinx_jax.checkpoint import flatten
 from sphinx_jax.handle import MODEL_PARTS
+from sphinx_jax.inference.generate import CPU_COMPILER_OPTIONS
 from sphinx_jax.data import pipeline
 from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
@@ -37,6 +38,7 @@ from sphinx_jax.train import export as export_lib
 from sphinx_jax.train import optimizer as opt_lib
 from sphinx_jax.train import state as state_lib
 from sphinx_jax.train import step as step_lib
+from sphinx_jax.train.stored import stored_params
 from sphinx_jax.train.evaluation import Evaluator
 
 BATCH_AXES = ("data", "fsdp")
@@ -116,7 +118,8 @@ PARTS_FROM = {"towers": "towers_from", "llm": "llm_from"}  # model part -> the t
 
 def initial_params(config, boxed_init, shardings):
   """Fresh params, or `train.init_from` (a model directory from convert/mix/train), placed on the mesh; then the
-  parts named by `train.towers_from` / `train.llm_from` when set."""
+  parts named by `train.towers_from` / `train.llm_from` when set. Directories of either layer layout (scanned or
+  not) fit (train/stored.py)."""
   init_from = config.train.get("init_from")
   parts_from = {part: config.train.get(key) for part, key in PARTS_FROM.items() if config.train.get(key)}
   expected = flatten(sh.strip_boxes(jax.eval_shape(boxed_init))) if init_from or parts_from else {}
@@ -127,30 +130,14 @@ def initial_params(config, boxed_init, shardings):
   replaced = {}
   for part, path in parts_from.items():
     part_shardings = {p: s for p, s in flat_shardings.items() if p.startswith(f"{part}/")}
-    replaced[part] = _stored_params(PARTS_FROM[part], path, expected, part_shardings, (part,))[part]
+    replaced[part] = stored_params(PARTS_FROM[part], path, expected, part_shardings, (part,))[part]
   if init_from:
     # Only the model's parts are trained; side trees of the converters (`extras`: leaves the original carries but
     # never uses) stay in the source directory.
-    params = _stored_params("init_from", init_from, expected, flat_shardings, MODEL_PARTS)
+    params = stored_params("init_from", init_from, expected, flat_shardings, MODEL_PARTS)
   else:
     params = jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
   return {**params, **replaced}
-
-
-def _stored_params(key, path, expected, shardings, parts):
-  """The leaves named in `shardings` ({path: sharding}) of the model directory `path`, checked against the model's
-  `expected` shapes; stored leaves under `parts` that the model lacks are an error too (a different variant)."""
-  wanted = set(shardings)
-  stored = abstract_params(path)
-  missing = sorted(wanted - set(stored))
-  extra = sorted(p for p in set(stored) - wanted if p.split("/")[0] in parts)
-  if missing or extra:
-    raise SphinxError(f"config.train.{key}={path}: its parameters do not fit this model (missing {missing[:3]}, "
-                      f"unexpected {extra[:3]}); use a checkpoint of the same variant and sizes.")
-  if wrong := [p for p in sorted(wanted) if stored[p].shape != expected[p].shape]:
-    raise SphinxError(f"config.train.{key}={path}: {wrong[0]} has shape {stored[wrong[0]].shape}, this model's "
-                      f"{expected[wrong[0]].shape}; use a checkpoint of the same variant and sizes.")
-  return unflatten(restore_leaves(path, sorted(wanted), shardings))
 
 
 class Program(NamedTuple):
@@ -165,6 +152,14 @@ class Program(NamedTuple):
   state_shardings: Any
   batch_sharding: NamedSharding
   step: Callable
+
+
+def step_compiler_options(train, mesh) -> dict | None:
+  """The step's XLA options: with `train.cpu_library_fusions` off and the mesh on CPU devices, XLA's own dot
+  emitter instead of YNNPACK's fusions (generate.CPU_COMPILER_OPTIONS); else none (a TPU topology's compile too)."""
+  if train.get("cpu_library_fusions", True) or mesh.devices.flat[0].platform != "cpu":
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
 
 
 def build(config, mesh, rules) -> Program:
@@ -184,7 +179,7 @@ def build(config, mesh, rules) -> Program:
   in_batch = batch_sharding(mesh)
   step_fn = step_lib.make_train_step(apply_fn(model), tx, schedule)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, in_batch), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=step_compiler_options(config.train, mesh))
   return Program(model, boxed_init, tx, schedule, abstract_state, state_shardings, in_batch, jitted)
 
 
