@@ -3,6 +3,7 @@
 
 Run:  flock /tmp/sphinx_heavy.lock python bench/decoder.py [--quick] [--iters 3] [--parts train,decode]
           [--isolate] [--no-torch-compile] [--remat none|full|...] [--variants fused:rows:custom,lse:plain:autodiff]
+          [--layers scanned,unscanned]
 Config M: vocab 32000, dim 1024, 8 layers, 16 heads (MHA), FFN 2816, seq 512, batch 4, float32.
 Decode: prompt 128 tokens, 128 new tokens, batch 1 and 8: `inference/generate.py` `Generator.generate_ids` on a
 text-only SPHINX (towers=()) holding the HF model's weights (through convert/hf.py), scanned and unscanned
@@ -157,11 +158,12 @@ def previous_layers(dense, attention):
     layers.rows_dot_general, layers._attend = saved
 
 
-def jax_train_step(c, remat, ce, dense="rows", attention="custom", chunk_rows=1024):
+def jax_train_step(c, remat, ce, dense="rows", attention="custom", chunk_rows=1024, scan=True):
   """A ready-to-time JAX train step (fwd + bwd + AdamW, state donated) on config c, compiled here, inside
   `previous_layers(dense, attention)`. ce 'fused': the decoder returns its final hidden states and
-  models/head_loss.py applies lm_head and the cross-entropy in chunks of `chunk_rows` rows."""
-  model = Llama(llm_of(c, remat_policy=remat))
+  models/head_loss.py applies lm_head and the cross-entropy in chunks of `chunk_rows` rows. scan: the decoder's
+  layers as one scanned block (stacked weights) or unrolled."""
+  model = Llama(llm_of(c, remat_policy=remat, scan_layers=scan))
   b, t = c["batch"], c["seq"]
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, c["vocab"], (b, t + 1)), jnp.int32)
@@ -318,6 +320,8 @@ def main():
                       help="JAX steps to time, comma-separated CE:DENSE:ATTENTION; CE plain|lse|fused, DENSE rows "
                            "(now)|plain (previous), ATTENTION custom (now)|autodiff (previous)")
   parser.add_argument("--chunk-rows", type=int, default=1024, help="rows per chunk of the fused cross-entropy")
+  parser.add_argument("--layers", default="scanned,unscanned",
+                      help="JAX steps' decoder layers, comma-separated: scanned (stacked weights, nn.scan) | unscanned")
   parser.add_argument("--isolate", action="store_true",
                       help="train part: time each contender in its own process (no interleaving across runtimes)")
   parser.add_argument("--only", help=argparse.SUPPRESS)  # set by --isolate for its child processes
@@ -367,8 +371,9 @@ def train_builders(c, args) -> dict[str, Callable[[], Callable]]:
   for remat in dict.fromkeys([args.remat, "none"]):
     for variant in args.variants.split(","):
       ce, dense, attention = variant.split(":")
-      builders[f"jax remat={remat} {variant}"] = functools.partial(jax_train_step, c, remat, ce, dense, attention,
-                                                                   args.chunk_rows)
+      for layers in args.layers.split(","):
+        builders[f"jax remat={remat} {variant} {layers}"] = functools.partial(
+            jax_train_step, c, remat, ce, dense, attention, args.chunk_rows, scan=layers == "scanned")
   return builders
 
 
@@ -393,7 +398,7 @@ def time_in_own_process(name, args) -> dict:
   torch at one thread and seconds of sleep in between; cause not found), so interleaving in one process
   penalises whichever runtime comes second."""
   argv = [sys.executable, __file__, "--parts", "train", "--only", name, "--iters", str(args.iters), "--remat",
-          args.remat, "--variants", args.variants, "--chunk-rows", str(args.chunk_rows)]
+          args.remat, "--variants", args.variants, "--chunk-rows", str(args.chunk_rows), "--layers", args.layers]
   argv += ["--quick"] * args.quick + ["--no-torch-compile"] * args.no_torch_compile
   out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
   print("".join(f"    [{name}] {line}\n" for line in out.splitlines() if line.startswith("    (")), end="", flush=True)
