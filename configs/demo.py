@@ -5,17 +5,17 @@ LLaMA, the demo starts from parts pre-trained on the same world: frozen towers (
 configs/assets/make_demo_towers.py; their read-outs include the box as the answers print it, per-shape counts, and a
 fixed one-hot code of each shape's colour, shape and box tenths) and a decoder pre-trained on text, the world's
 scenes described in words (configs/assets/demo_llm, the export of `configs/demo.py:llm`, `llm_config` below); the
-fusion starts fresh. 1800 steps: ~8 min on the ninth to fourteenth sessions' 2-core box (475 s wall), four
+fusion starts fresh. 1800 steps: ~8 min on the ninth to fourteenth sessions' 2-core box (458 s wall), four
 evaluations of 256 held-out samples included. There (eval world seed 10000): VQA 0.797 (answering from the question
-alone: 0.41; count 0.95, colour 0.78, shape 0.81, left/right 0.53), REC (IoU >= 0.5) 0.52 (mean IoU 0.40): 0.92 on
-one-shape scenes, 0.29 / 0.24 with 2 / 3 shapes, where the box fits another shape than the named one about as often
-(rec/other_shape 0.25): the decoder reads a shape's box and commits to one, but does not yet follow the expression.
-VQA does not either: colour / shape questions about scenes of several shapes get the asked shape's answer half of
-the time and another shape's the other half (vqa/named_shape, vqa/other_shape); its 0.797 comes from the counts and
-one-shape scenes (1.00; 2 / 3 shapes 0.69 / 0.65). The same numbers moved by up to 0.03 between runs that change
-only the float path (the scanned decoder of the twelfth and thirteenth sessions: VQA 0.797, REC 0.49); 2400 steps
-gave VQA 0.79 and REC 0.52 (NOTES.md, fourteenth session). The same demo with a fresh decoder: VQA 0.61-0.71 (the
-count questions 0.39-0.64, depending on the float path), REC 0.52.
+alone: 0.41; count 0.97, colour 0.72, shape 0.82, left/right 0.56), REC (IoU >= 0.5) 0.50 (mean IoU 0.40): 0.91 on
+one-shape scenes, 0.29 / 0.21 with 2 / 3 shapes, where the box fits another shape than the named one about as often
+(rec/other_shape 0.28): the decoder reads a shape's box and commits to one, but does not yet follow the expression.
+VQA does not either: colour / shape questions about scenes of several shapes get the asked shape's answer 0.46 of
+the time and another shape's 0.54 (vqa/named_shape, vqa/other_shape); its 0.797 comes from the counts and one-shape
+scenes (0.99; 2 / 3 shapes 0.75 / 0.60). These numbers move by up to ~0.03 with the float path alone (NOTES.md,
+fourteenth session: the same run before the causal attention blocks gave VQA 0.797, REC 0.516; scanned, with
+YNNPACK, 0.797 / 0.49); 2400 steps gave VQA 0.785, REC 0.520. The same demo with a fresh decoder: VQA 0.61-0.71
+(the count questions 0.39-0.64, depending on the float path), REC 0.52.
 
 Run: sphinx-jax train --config configs/demo.py --workdir runs/demo
 Data: generated on the fly by sphinx_jax/data/shapes.py (no downloads); tokenizer: configs/assets/
