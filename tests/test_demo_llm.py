@@ -14,6 +14,7 @@ from sphinx_jax.data.tokenizer import Tokenizer
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.models.sphinx import Sphinx
 from sphinx_jax.train import loop
+from sphinx_jax.train.stored import stored_params
 
 
 def test_the_pre_training_config_trains_the_demos_decoder_on_described_scenes():
@@ -37,11 +38,13 @@ def test_the_pre_training_batches_are_text_rows_that_start_with_a_description():
 
 
 def test_the_committed_decoder_fits_the_demo_model():
+  """configs/assets/demo_llm (written scanned) loads into the demo's unscanned decoder, every leaf in place."""
   c = demo.get_config()
   abstract = nn.meta.unbox(jax.eval_shape(Sphinx(c.model).init, jax.random.key(0), *loop.init_inputs(c.model)))
-  expected = {f"llm/{p}": s.shape for p, s in checkpoint.flatten(abstract["params"]["llm"]).items()}
-  stored = {p: s.shape for p, s in checkpoint.abstract_params(c.train.llm_from).items()}
-  assert stored == expected
+  expected = {f"llm/{p}": s for p, s in checkpoint.flatten(abstract["params"]["llm"]).items()}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  loaded = stored_params("llm_from", c.train.llm_from, expected, {p: device for p in expected}, ("llm",))
+  assert {p: v.shape for p, v in checkpoint.flatten(loaded).items()} == {p: s.shape for p, s in expected.items()}
 
 
 def described_records(task, count, swap=False):
