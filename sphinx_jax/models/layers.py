@@ -138,12 +138,13 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False,
   (`causal_query_blocks`). Returns: [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
+  scale = h ** -0.5 if scale is None else scale
   if causal_blocks > 1 and mask is not None and not cache_layout and t == k.shape[1] and t >= causal_blocks:
     return causal_query_blocks(q, k, v, mask, scale, causal_blocks)
   kv_heads = k.shape[1 if cache_layout else 2]
   groups = n // kv_heads
-  scale = h ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, groups, h)
+  mask = None if mask is None else _grouped_mask(mask, kv_heads, groups)
   if t > 1 or cache_layout:
     # Heads first, contracted axis last: XLA CPU then runs plain batched matmuls (the same contractions with the
     # heads in the middle ran 1.5-2x slower at training and prefill shapes, and a decode step copied the whole
@@ -151,22 +152,13 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, cache_layout=False,
     qg = qg.transpose(0, 2, 3, 1, 4)
     if not cache_layout:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    q_spec, k_spec, v_spec = "BKGTH", "BKHS" if cache_layout else "BKSH", "BKSH"
-  else:  # one query, keys [B, S, K, H]: contract them where they lie; a transpose would copy all of them
-    q_spec, k_spec, v_spec = "BTKGH", "BSKH", "BSKH"
-  single_query = cache_layout and t == 1
-  if single_query:
-    logits = _cached_logits(qg, k) * scale
-  else:
-    logits = jnp.einsum(f"{q_spec},{k_spec}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    if mask.ndim == 3:
-      mask = mask[:, None, None]
-    else:  # [B, N, T, S]
-      mask = mask.reshape(b, kv_heads, groups, t, -1) if mask.shape[1] == n else mask[:, :, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  out = _cached_values(logits, v) if single_query else _attend(logits, v, v_spec, q_spec)
-  return (out.transpose(0, 3, 1, 2, 4) if q_spec == "BKGTH" else out).reshape(b, t, n, h)
+    if cache_layout and t == 1:
+      out = _cached_values(_masked(_cached_logits(qg, k) * scale, mask), v)
+    else:
+      out = _softmax_attention(qg, k, v, mask, scale, ("BKGTH", "BKHS" if cache_layout else "BKSH", "BKSH"))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  # one query, keys [B, S, K, H]: contract them where they lie; a transpose would copy all of them
+  return _softmax_attention(qg, k, v, mask, scale, ("BTKGH", "BSKH", "BSKH")).reshape(b, t, n, h)
 
 
 def causal_query_blocks(q, k, v, mask, scale, blocks: int):
@@ -174,12 +166,40 @@ def causal_query_blocks(q, k, v, mask, scale, blocks: int):
   [a, e) against keys [0, e): the keys past e are masked for all its rows, so leaving them out changes no valid
   row (a row whose mask is all False, padding, averages fewer values). With 4 blocks ~3/8 of the logits are never
   computed, on any device (what flash / splash attention skip as fully masked tiles); at the demo's [8, 256, 4 x 32]
-  fwd+bwd ran ~2x faster on XLA CPU, at config M's [4, 512, 16 x 64] 1.2-1.7x. Same args as there."""
-  t = q.shape[1]
-  mask = jnp.broadcast_to(mask, mask.shape[:-2] + (t, t))
+  fwd+bwd ran ~2x faster on XLA CPU, at config M's [4, 512, 16 x 64] 1.2-1.7x. Same args as there (scale set);
+  the heads-first transposes happen once, outside the blocks."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  qg = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  mask = _grouped_mask(jnp.broadcast_to(mask, mask.shape[:-2] + (t, t)), kv_heads, groups)
   edges = [round(t * i / blocks) for i in range(blocks + 1)]
-  return jnp.concatenate([dot_product_attention(q[:, a:e], k[:, :e], v[:, :e], mask[..., a:e, :e], scale=scale)
-                          for a, e in zip(edges, edges[1:])], axis=1)
+  out = jnp.concatenate([_softmax_attention(qg[:, :, :, a:e], k[:, :, :e], v[:, :, :e], mask[..., a:e, :e], scale,
+                                            ("BKGTH", "BKSH", "BKSH"))
+                         for a, e in zip(edges, edges[1:])], axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _grouped_mask(mask, kv_heads: int, groups: int):
+  """A mask broadcastable to [B, T, S] or [B, N, T, S] -> broadcastable to [B, K, G, T, S]."""
+  if mask.ndim == 3:
+    return mask[:, None, None]
+  if mask.shape[1] == kv_heads * groups:
+    return mask.reshape(mask.shape[0], kv_heads, groups, *mask.shape[2:])
+  return mask[:, :, None]
+
+
+def _masked(logits, mask):
+  return logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+
+
+def _softmax_attention(qg, k, v, mask, scale, specs):
+  """softmax(masked q k^T * scale) v for several queries: qg, k, v laid out as `specs` (q, k, v einsum specs over
+  B, K, G, T, S, H), mask broadcastable to [B, K, G, T, S] or None -> laid out as the q spec, in v's dtype."""
+  q_spec, k_spec, v_spec = specs
+  logits = jnp.einsum(f"{q_spec},{k_spec}->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+  return _attend(_masked(logits, mask), v, v_spec, q_spec)
 
 
 # A decode step's attention against the KV cache (one query) multiplies and sums over the cache in fusions instead
