@@ -275,6 +275,21 @@ def test_packed_segments_do_not_see_each_other():
   np.testing.assert_allclose(np.asarray(logits[:, 5:]), hf_logits(model, b), rtol=0, atol=1e-4)
 
 
+def test_the_mask_is_causal_by_index_so_query_blocks_change_nothing():
+  """Tokens sharing a position (here all at 0) see no later token, as under the original's triangular mask; so
+  the attention's causal query blocks (llm.causal_blocks) give the whole attention's logits."""
+  model = hf_llama(2)
+  toks = jnp.asarray(tokens(2, 12, seed=9))
+  same_position = jnp.zeros((2, 12), jnp.int32)
+  logits = {}
+  for blocks in (1, 4):
+    ours, params = ours_from(model, True, causal_blocks=blocks)
+    logits[blocks] = np.asarray(ours.apply({"params": params}, toks, positions=same_position)[0])
+  np.testing.assert_allclose(logits[4], logits[1], rtol=0, atol=1e-5)
+  first_alone, _ = ours.apply({"params": params}, toks[:, :1], positions=same_position[:, :1])
+  np.testing.assert_allclose(logits[4][:, :1], np.asarray(first_alone), rtol=0, atol=1e-5)
+
+
 def loss_and_grads(policy, scan_layers):
   model = hf_llama(2)
   ours, params = ours_from(model, scan_layers, remat_policy=policy)
