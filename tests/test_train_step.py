@@ -127,9 +127,9 @@ def test_cpu_library_fusions_switch_reaches_the_compiler():
   for fusions in (True, False):
     c = llama_config("tiny")
     c.train.cpu_library_fusions = fusions
-    mesh = sh.make_mesh(c.mesh, devices=jax.devices()[:1])
-    with built(c, mesh) as (program, _):
-      texts[fusions] = aot.lower_train(program, c)().compile().as_text()
+    mesh, rules = sh.make_mesh(c.mesh, devices=jax.devices()[:1]), sh.rules_from_config(c)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # abstract state only: no params are made
+      texts[fusions] = aot.lower_train(loop.build(c, mesh, rules), c)().compile().as_text()
   if "__ynn_fusion" not in texts[True]:
     pytest.skip("this XLA CPU build fuses nothing into YNNPACK here, so the switch has nothing to turn off")
   assert "__ynn_fusion" not in texts[False]

@@ -114,6 +114,7 @@ class Attention(nn.Module):
                    "v": _write(layer_cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
       k, v = new_cache["k"], new_cache["v"]
     if layer_cache is None:  # keys are these queries and the mask is causal by index (`Llama.__call__`)
+      # configs saved before `causal_blocks` existed run the whole attention, as they did
       out = attention_backend(c.attention)(q, k, v, mask, causal_blocks=c.get("causal_blocks", 1))
     else:
       out = attention_backend(c.attention)(q, k, v, mask, cache_layout=True)
