@@ -51,7 +51,6 @@ from roof import gemms
 from timing import fastest, warm_up  # bench/ is the script's directory
 
 from sphinx_jax import config as cfg
-from sphinx_jax import host_memory
 from sphinx_jax.convert import hf as hf_convert
 from sphinx_jax.inference import generate
 from sphinx_jax.models import head_loss, layers
@@ -467,5 +466,4 @@ def decode_part(c, args, bandwidth):
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # the allocator the sphinx-jax program runs with
   main()

@@ -42,7 +42,6 @@ import sphinx_jax
 from configs.sphinx import get_config
 from sphinx_jax import checkpoint
 from sphinx_jax import config as cfg
-from sphinx_jax import host_memory
 from sphinx_jax import sharding as sh
 from sphinx_jax.data import conversation, shapes
 from sphinx_jax.eval import benchmarks, runner
@@ -221,5 +220,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # the allocator the sphinx-jax program runs with
   sys.exit(main())

@@ -38,7 +38,6 @@ from flax import linen as nn
 from timing import fastest  # bench/ is the script's directory
 from roof import gemms, roof as measured_roof
 
-from sphinx_jax import host_memory
 from sphinx_jax.models import moe
 
 CONFIGS = {
@@ -184,5 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # the allocator the sphinx-jax program runs with
   main()

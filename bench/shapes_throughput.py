@@ -8,7 +8,6 @@ ratio of the wall rate to the 200 samples/s the demo needs. Single process.
 import argparse
 import time
 
-from sphinx_jax import host_memory
 from sphinx_jax.data import shapes
 
 TARGET = 200.0
@@ -35,5 +34,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # the allocator the sphinx-jax program runs with
   main()

@@ -54,7 +54,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from configs import demo  # noqa: E402
 from sphinx_jax import checkpoint  # noqa: E402
 from sphinx_jax import config as cfg  # noqa: E402
-from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import sharding as sh  # noqa: E402
 from sphinx_jax.data import pipeline  # noqa: E402
 from sphinx_jax.data.image import CLIP_MEAN, CLIP_STD  # noqa: E402
@@ -354,5 +353,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # the allocator the sphinx-jax program runs with
   main()

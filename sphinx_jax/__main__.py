@@ -1,3 +1,3 @@
-from sphinx_jax.cli import run
+from sphinx_jax.cli import main
 
-raise SystemExit(run())
+raise SystemExit(main())

@@ -11,7 +11,6 @@ import argparse
 import importlib
 import sys
 
-from sphinx_jax import host_memory
 from sphinx_jax.errors import SphinxError
 
 SUBCOMMANDS = {
@@ -34,13 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     module_name, function = target.split(":")
     getattr(importlib.import_module(module_name), function)(subparsers)
   return parser
-
-
-def run() -> int:
-  """The `sphinx-jax` program: `main` on the command line, in a process that has the host allocator's huge
-  pages (`host_memory`)."""
-  host_memory.restart_with_huge_pages()
-  return main()
 
 
 def main(argv=None) -> int:
