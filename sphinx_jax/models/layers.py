@@ -91,30 +91,19 @@ def rope_frequencies(head_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2] / head_dim))
 
 
-def rope_tables(positions, head_dim: int, theta: float, scaling: float | None = None):
-  """(cos, sin) float32[B, T, 1, H/2] of the angles positions * freq_i, computed in fp32 once per forward pass and
-  shared by every layer's `apply_rope`.
+def apply_rope(x, positions, theta: float, scaling: float | None = None):
+  """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by positions * freq_i, computed in fp32.
 
   Accessory's `rope_scaling` multiplies positions (`t = t * scaling` in precompute_freqs_cis); None = 1.
   Hugging Face's linear rope scaling divides them instead, so its factor is 1 / scaling.
-  The optimization barrier keeps the tables materialised: otherwise XLA CPU fused the cosine and sine into every
-  consumer, recomputing them per element of each layer's q and k and of their gradients (the demo's step spent
-  ~16 ms of ~190 in those fusions; 1.06x faster with the tables materialised).
+  Args: x float[B, T, N, H], positions int[B, T]. Returns: x's dtype [B, T, N, H].
   """
-  freqs = rope_frequencies(head_dim, theta)
+  freqs = rope_frequencies(x.shape[-1], theta)
   pos = positions.astype(jnp.float32)
   if scaling is not None:
     pos = pos * scaling
-  angles = pos[:, :, None, None] * freqs
-  return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
-
-
-def apply_rope(x, rope):
-  """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by the angles of `rope` (`rope_tables`), in fp32.
-
-  Args: x float[B, T, N, H], rope (cos, sin) float32[B, T, 1, H/2]. Returns: x's dtype [B, T, N, H].
-  """
-  cos, sin = rope
+  angles = pos[:, :, None, None] * freqs  # [B, T, 1, H/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   real, imag = pairs[..., 0], pairs[..., 1]
   rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
