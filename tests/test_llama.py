@@ -290,6 +290,27 @@ def test_the_mask_is_causal_by_index_so_query_blocks_change_nothing():
   np.testing.assert_allclose(logits[4][:, :1], np.asarray(first_alone), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_rope_angles_are_computed_once_per_step(scan_layers):
+  """The compiled loss-and-gradient of a 2-layer decoder holds one cosine and one sine, each over the RoPE table
+  (`layers.rope_tables`); with the angles computed from the positions, XLA CPU fused them into each layer's
+  rotation and each gradient (8 of each in the unscanned decoder)."""
+  model = hf_llama(2)
+  ours, params = ours_from(model, scan_layers)
+  toks = jnp.asarray(tokens(2, PROMPT, seed=8))
+  loss = lambda p: ours.apply({"params": p}, toks, positions=arange_positions(2, PROMPT))[0].sum()
+  hlo = jax.jit(jax.grad(loss)).lower(jax.tree.map(jnp.asarray, params)).compile().as_text()
+  assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+
+
+def test_rope_positions_past_the_table_are_nan():
+  """Past 2 x max_seq_len (the original's table, where its indexing fails) the rotation is NaN, not a clamped row."""
+  cos, sin = layers.rope_tables(jnp.array([[0, 7, 8]]), 4, 10000.0, length=8)
+  assert cos.shape == sin.shape == (1, 3, 1, 2)
+  np.testing.assert_array_equal(cos[0, 0, 0], [1, 1])
+  assert np.isfinite(cos[0, 1]).all() and np.isnan(cos[0, 2]).all() and np.isnan(sin[0, 2]).all()
+
+
 def loss_and_grads(policy, scan_layers):
   model = hf_llama(2)
   ours, params = ours_from(model, scan_layers, remat_policy=policy)

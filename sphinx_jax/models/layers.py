@@ -91,19 +91,32 @@ def rope_frequencies(head_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2] / head_dim))
 
 
-def apply_rope(x, positions, theta: float, scaling: float | None = None):
-  """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by positions * freq_i, computed in fp32.
+def rope_tables(positions, head_dim: int, theta: float, scaling: float | None = None, *, length: int):
+  """(cos, sin) float32[B, T, 1, H/2]: rows `positions` of cos / sin(p * freq_i) for p in [0, length), the
+  original's `precompute_freqs_cis` table (its length is 2 * max_seq_len), in fp32; NaN rows past its end, where
+  the original fails to index.
 
   Accessory's `rope_scaling` multiplies positions (`t = t * scaling` in precompute_freqs_cis); None = 1.
   Hugging Face's linear rope scaling divides them instead, so its factor is 1 / scaling.
-  Args: x float[B, T, N, H], positions int[B, T]. Returns: x's dtype [B, T, N, H].
+  Why rows of a table: computed from the positions directly, XLA CPU fused the cosine and sine into every
+  consumer (each layer's q and k rotations and their gradients) and recomputed them per element there, 8
+  fusions of ~1.1-1.5 ms in the demo's step. A gather does not fuse that way, so each table is computed once per
+  forward pass ([length, H/2]: 8192 x 64 for SPHINX-13B), and the angles are the same float32 products as before.
   """
-  freqs = rope_frequencies(x.shape[-1], theta)
-  pos = positions.astype(jnp.float32)
+  pos = jnp.arange(length, dtype=jnp.float32)
   if scaling is not None:
     pos = pos * scaling
-  angles = pos[:, :, None, None] * freqs  # [B, T, 1, H/2]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  angles = pos[:, None] * rope_frequencies(head_dim, theta)
+  rows = lambda table: jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None]
+  return rows(jnp.cos(angles)), rows(jnp.sin(angles))
+
+
+def apply_rope(x, rope):
+  """Meta interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by the angles of `rope` (`rope_tables`), in fp32.
+
+  Args: x float[B, T, N, H], rope (cos, sin) float32[B, T, 1, H/2]. Returns: x's dtype [B, T, N, H].
+  """
+  cos, sin = rope
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   real, imag = pairs[..., 0], pairs[..., 1]
   rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)

@@ -97,7 +97,7 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
+  def __call__(self, x, rope, mask, layer_cache, cache_index):
     c = self.config
     b, t, d = x.shape
     h = d // c.n_heads
@@ -105,8 +105,8 @@ class Attention(nn.Module):
     q = checkpoint_name(proj(c.n_heads * h, (sh.EMBED, sh.HEADS), "query")(x), "query_proj")
     k = checkpoint_name(proj(c.n_kv_heads * h, (sh.EMBED, sh.KV_HEADS), "key")(x), "key_proj")
     v = checkpoint_name(proj(c.n_kv_heads * h, (sh.EMBED, sh.KV_HEADS), "value")(x), "value_proj")
-    q = layers.apply_rope(q.reshape(b, t, c.n_heads, h), positions, c.rope_theta, c.rope_scaling)
-    k = layers.apply_rope(k.reshape(b, t, c.n_kv_heads, h), positions, c.rope_theta, c.rope_scaling)
+    q = layers.apply_rope(q.reshape(b, t, c.n_heads, h), rope)
+    k = layers.apply_rope(k.reshape(b, t, c.n_kv_heads, h), rope)
     v = v.reshape(b, t, c.n_kv_heads, h)
     new_cache = None
     if layer_cache is not None:  # in the cache's layout (`init_cache`); only the T new entries move
@@ -138,19 +138,19 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
   """Mirrors `TransformerBlock`: h = x + attn(norm(x)); out = h + ffn(norm(h)).
 
-  Scan-shaped: (x float[B,T,D], layer_cache {"k","v": [B,K,S,H]} | None, positions int[B,T], mask bool[B,T,S],
-  cache_index int32[]) -> (out float[B,T,D], new layer_cache | None).
+  Scan-shaped: (x float[B,T,D], layer_cache {"k","v": [B,K,S,H]} | None, rope (cos, sin) float32[B,T,1,H/2]
+  (`layers.rope_tables`), mask bool[B,T,S], cache_index int32[]) -> (out float[B,T,D], new layer_cache | None).
   """
   config: ml_collections.ConfigDict
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, cache_index):
+  def __call__(self, x, layer_cache, rope, mask, cache_index):
     c = self.config
     norm = functools.partial(layers.RMSNorm, eps=c.norm_eps, param_dtype=self.param_dtype)
     attn, new_cache = Attention(c, self.dtype, self.param_dtype, name="attention")(
-        norm(name="attention_norm")(x), positions, mask, layer_cache, cache_index)
+        norm(name="attention_norm")(x), rope, mask, layer_cache, cache_index)
     h = _constrain(x + attn)
     if c.moe:  # Mixtral: the sparse expert FFN (models/moe.py) replaces the dense one
       ffn = moe.MoeFeedForward(c.moe.num_experts, c.moe.top_k, ffn_hidden_dim(c), c.moe.dispatch, self.dtype,
@@ -177,7 +177,7 @@ class Llama(nn.Module):
                           embedding_init=layers.partitioned(nn.initializers.normal(1.0), (sh.VOCAB, sh.EMBED)))
     block = layers.remat_block(Block, c.remat_policy)
     if c.scan_layers:
-      # Scan over (layer params, layer cache); positions, mask and the write index are shared by every layer.
+      # Scan over (layer params, layer cache); the RoPE tables, mask and the write index are shared by every layer.
       # The MoE load-balancing losses are stacked per layer like the params.
       scanned = layers.scan_blocks(block, c.n_layers, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                                    variable_axes={"params": 0, moe.AUX_COLLECTION: 0})
@@ -188,16 +188,16 @@ class Llama(nn.Module):
     self.lm_head = layers.dense(c.vocab_size, (sh.EMBED, sh.VOCAB), "lm_head", dtype=self.dtype,
                                 param_dtype=self.param_dtype)
 
-  def _blocks(self, x, layer_caches, positions, mask, index):
+  def _blocks(self, x, layer_caches, rope, mask, index):
     per_layer = layer_caches is not None and isinstance(layer_caches["k"], list)
     if self.config.scan_layers:
       if per_layer:
         raise SphinxError("Llama: a per-layer KV cache (init_cache per_layer=True) needs scan_layers=False.")
-      return self.layers(x, layer_caches, positions, mask, index)
+      return self.layers(x, layer_caches, rope, mask, index)
     outs = []
     for i, block in enumerate(self.layers):
       x, out = block(x, None if layer_caches is None else {n: buffers[i] for n, buffers in layer_caches.items()},
-                     positions, mask, index)
+                     rope, mask, index)
       outs.append(out)
     if layer_caches is None:
       return x, None
@@ -228,7 +228,10 @@ class Llama(nn.Module):
                                  kv_segments=kv_segments)
     if cache is None:  # the original's triangular mask: no key after its query, whatever the positions
       mask &= jnp.tri(positions.shape[1], dtype=bool)
-    x, layer_caches = self._blocks(x, layer_caches, positions, mask, index)
+    c = self.config
+    rope = layers.rope_tables(positions, c.dim // c.n_heads, c.rope_theta, c.rope_scaling,
+                              length=2 * c.max_seq_len)
+    x, layer_caches = self._blocks(x, layer_caches, rope, mask, index)
     if last_only:
       x = x[:, -1:]
     x = self.final_norm(x)
