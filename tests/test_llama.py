@@ -303,12 +303,18 @@ def test_rope_angles_are_computed_once_per_step(scan_layers):
   assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
 
 
-def test_rope_positions_past_the_table_are_nan():
-  """Past 2 x max_seq_len (the original's table, where its indexing fails) the rotation is NaN, not a clamped row."""
-  cos, sin = layers.rope_tables(jnp.array([[0, 7, 8]]), 4, 10000.0, length=8)
+def test_rope_rows_past_the_table_are_nan_and_decoding_matches_them():
+  """Past 2 x max_seq_len (the original's table, where its indexing fails) the rotation is NaN, not a clamped row;
+  a decoding step's single position (its angles taken directly) gives the table's rows bit for bit."""
+  positions = jnp.array([[0, 7, 8]])
+  cos, sin = layers.rope_tables(positions, 4, 10000.0, 2.0, length=8)
   assert cos.shape == sin.shape == (1, 3, 1, 2)
   np.testing.assert_array_equal(cos[0, 0, 0], [1, 1])
   assert np.isfinite(cos[0, 1]).all() and np.isnan(cos[0, 2]).all() and np.isnan(sin[0, 2]).all()
+  for i in range(3):
+    one = layers.rope_tables(positions[:, i:i + 1], 4, 10000.0, 2.0, length=8)
+    np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(cos[:, i:i + 1]))
+    np.testing.assert_array_equal(np.asarray(one[1]), np.asarray(sin[:, i:i + 1]))
 
 
 def loss_and_grads(policy, scan_layers):

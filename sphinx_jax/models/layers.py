@@ -102,11 +102,17 @@ def rope_tables(positions, head_dim: int, theta: float, scaling: float | None = 
   consumer (each layer's q and k rotations and their gradients) and recomputed them per element there, 8
   fusions of ~1.1-1.5 ms in the demo's step. A gather does not fuse that way, so each table is computed once per
   forward pass ([length, H/2]: 8192 x 64 for SPHINX-13B), and the angles are the same float32 products as before.
+  A single position per row (a decoding step) takes its angles directly instead.
   """
-  pos = jnp.arange(length, dtype=jnp.float32)
-  if scaling is not None:
-    pos = pos * scaling
-  angles = pos[:, None] * rope_frequencies(head_dim, theta)
+  scaled = (lambda p: p) if scaling is None else (lambda p: p * scaling)
+  freqs = rope_frequencies(head_dim, theta)
+  if positions.shape[1] == 1:
+    # One new token per step (decoding): its own angles cost less than the table, and with no gradient nothing
+    # fuses them more than once per layer.
+    angles = scaled(positions.astype(jnp.float32))[..., None] * freqs
+    angles = jnp.where((positions < length)[..., None], angles, jnp.nan)
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+  angles = scaled(jnp.arange(length, dtype=jnp.float32))[:, None] * freqs
   rows = lambda table: jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None]
   return rows(jnp.cos(angles)), rows(jnp.sin(angles))
 
