@@ -107,8 +107,8 @@ def rope_tables(positions, head_dim: int, theta: float, scaling: float | None = 
   scaled = (lambda p: p) if scaling is None else (lambda p: p * scaling)
   freqs = rope_frequencies(head_dim, theta)
   if positions.shape[1] == 1:
-    # One new token per step (decoding): its own angles cost less than the table, and with no gradient nothing
-    # fuses them more than once per layer.
+    # One new token per step (decoding): its B x H/2 angles, even if recomputed in each layer's q and k rotation,
+    # cost far less than the table would per token.
     angles = scaled(positions.astype(jnp.float32))[..., None] * freqs
     angles = jnp.where((positions < length)[..., None], angles, jnp.nan)
     return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
