@@ -290,13 +290,12 @@ def test_the_mask_is_causal_by_index_so_query_blocks_change_nothing():
   np.testing.assert_allclose(logits[4][:, :1], np.asarray(first_alone), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
-def test_rope_angles_are_computed_once_per_step(scan_layers):
-  """The compiled loss-and-gradient of a 2-layer decoder holds one cosine and one sine, each over the RoPE table
-  (`layers.rope_tables`); with the angles computed from the positions, XLA CPU fused them into each layer's
-  rotation and each gradient (8 of each in the unscanned decoder)."""
+def test_rope_angles_are_computed_once_per_step():
+  """The compiled loss-and-gradient of a 2-layer unscanned decoder holds one cosine and one sine, each over the RoPE
+  table (`layers.rope_tables`); with the angles computed from the positions, XLA CPU fused them into each layer's
+  rotation and each gradient (8 of each). Unscanned only: a scanned decoder computed them once before as well."""
   model = hf_llama(2)
-  ours, params = ours_from(model, scan_layers)
+  ours, params = ours_from(model, False)
   toks = jnp.asarray(tokens(2, PROMPT, seed=8))
   loss = lambda p: ours.apply({"params": p}, toks, positions=arange_positions(2, PROMPT))[0].sum()
   hlo = jax.jit(jax.grad(loss)).lower(jax.tree.map(jnp.asarray, params)).compile().as_text()
