@@ -31,6 +31,7 @@ import torchvision.transforms as T
 from PIL import Image
 from skimage import data as skdata
 
+from sphinx_jax import host_memory
 from sphinx_jax import config as cfg
 from sphinx_jax.data import conversation, image as image_lib, pipeline, shapes
 from sphinx_jax.data.tokenizer import Tokenizer
@@ -146,4 +147,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

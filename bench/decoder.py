@@ -50,6 +50,7 @@ import transformers
 from roof import gemms
 from timing import fastest, warm_up  # bench/ is the script's directory
 
+from sphinx_jax import host_memory
 from sphinx_jax import config as cfg
 from sphinx_jax.convert import hf as hf_convert
 from sphinx_jax.inference import generate
@@ -466,4 +467,5 @@ def decode_part(c, args, bandwidth):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

@@ -42,6 +42,7 @@ import sphinx_jax
 from configs.sphinx import get_config
 from sphinx_jax import checkpoint
 from sphinx_jax import config as cfg
+from sphinx_jax import host_memory
 from sphinx_jax import sharding as sh
 from sphinx_jax.data import conversation, shapes
 from sphinx_jax.eval import benchmarks, runner
@@ -220,4 +221,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   sys.exit(main())

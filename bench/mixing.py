@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import checkpoint, mixing  # noqa: E402
 
 GB = 1 << 30
@@ -176,4 +177,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

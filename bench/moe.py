@@ -38,6 +38,7 @@ from flax import linen as nn
 from timing import fastest  # bench/ is the script's directory
 from roof import gemms, roof as measured_roof
 
+from sphinx_jax import host_memory
 from sphinx_jax.models import moe
 
 CONFIGS = {
@@ -183,4 +184,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

@@ -8,6 +8,7 @@ ratio of the wall rate to the 200 samples/s the demo needs. Single process.
 import argparse
 import time
 
+from sphinx_jax import host_memory
 from sphinx_jax.data import shapes
 
 TARGET = 200.0
@@ -34,4 +35,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

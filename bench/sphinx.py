@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from configs import sphinx as presets  # noqa: E402
+from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax.convert import accessory  # noqa: E402
 from sphinx_jax.inference.generate import Generator  # noqa: E402
 from sphinx_jax.models.sphinx import Sphinx  # noqa: E402
@@ -263,4 +264,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

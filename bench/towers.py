@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import config as cfg  # noqa: E402
 from sphinx_jax.convert import torch_io  # noqa: E402
 # the parity tests' torch references, so the benchmark times exactly what the tests check
@@ -223,4 +224,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

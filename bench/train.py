@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from configs import demo  # noqa: E402
+from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import checkpoint  # noqa: E402
 from sphinx_jax import config as cfg  # noqa: E402
 from sphinx_jax import sharding as sh  # noqa: E402
@@ -347,7 +348,8 @@ def main(argv=None):
   jax.config.update("jax_compilation_cache_dir", cache.name)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), torch "
-        f"{torch.__version__} threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}", flush=True)
+        f"{torch.__version__} threads {torch.get_num_threads()}, host allocator {host_memory.loaded_allocator()}, "
+        f"load {os.getloadavg()[0]:.1f}", flush=True)
   results = []
   for name in names:
     results.append(run_config(name, args))
@@ -358,4 +360,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_allocator()  # the allocator the sphinx-jax program runs with
   main()

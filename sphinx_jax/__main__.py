@@ -1,3 +1,3 @@
-from sphinx_jax.cli import main
+from sphinx_jax.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

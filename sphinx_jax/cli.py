@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from sphinx_jax import host_memory
 from sphinx_jax.errors import SphinxError
 
 SUBCOMMANDS = {
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     module_name, function = target.split(":")
     getattr(importlib.import_module(module_name), function)(subparsers)
   return parser
+
+
+def run() -> int:
+  """The `sphinx-jax` program: `main` on the command line, in a process on the host allocator of `host_memory`."""
+  host_memory.restart_with_allocator()
+  return main()
 
 
 def main(argv=None) -> int:
