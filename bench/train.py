@@ -2,6 +2,7 @@
 real trainer adds over the bare jitted step. Ratios are measured in one run.
 
 Run:  flock /tmp/sphinx_heavy.lock python bench/train.py [--configs demo,mid] [--trainer demo] [--iters 3]
+                                                         [--trainer-runs 3]
                                                          [--gemm 2048] [--json FILE]
       python bench/train.py --quick       (smoke run, tests/test_bench_train.py)
 Configs (float32, full-precision matmuls: XLA 'highest', torch TF32 off; random weights, which do not change
@@ -27,8 +28,9 @@ directory of the same random weights (`train.init_from`, so no init compile; the
 persistent compilation cache private to the run, as the benchmark compiled it already). Its step time is what the
 loop logs per window (`steps_per_s`: wall time from one log to the next, everything the host does in between
 included); the first window (compile) is dropped. Bare: the jitted step on pre-fetched device batches, timed in
-windows of `log_every` steps ending in the same sync (metrics fetched to the host), run before and after the
-loop so that drifting load falls on both. Overhead = mean loop window / mean bare window - 1: every window counts,
+windows of `log_every` steps ending in the same sync (metrics fetched to the host), run before and after each
+trainer run (`--trainer-runs`, default 3: on a small shared box one run's overhead swings by +-7 points) so that
+drifting load falls on both. Overhead = mean loop window / mean bare window - 1 over all runs: every window counts,
 so each checkpoint save is paid in full (a median would drop the windows holding a save once fewer than half of
 them do; it is reported too). The demo's schedule: log every 20 steps, as configs/demo.py, and a checkpoint every
 100 (the demo itself saves every 600), over 200 measured steps. The final
@@ -256,30 +258,43 @@ def loop_windows(workdir: Path) -> list[float]:
   return [1.0 / r["steps_per_s"] for r in records if "steps_per_s" in r]
 
 
-def measure_trainer(config, bare: BareStep, params, scratch: Path) -> dict:
-  log_every, checkpoint_every = config.train.log_every, config.train.checkpoint_every
-  steps = config.train.num_steps - log_every
-  init = checkpoint.save_model_dir(scratch / "init", params, config)
+def trainer_run(config, init: Path, workdir: Path) -> list[float]:
+  """One `train()` from `init` into `workdir`: its logged windows after the first (compile), seconds per step."""
   c = config.copy_and_resolve_references()
   c.train.init_from = str(init)
-  windows = steps // log_every
-  before = bare.windows(windows, log_every)
-  start = time.perf_counter()
-  summary = loop.train(c, scratch / "run")
-  wall = time.perf_counter() - start
-  after = bare.windows(windows, log_every)
-  logged = loop_windows(scratch / "run")
+  summary = loop.train(c, workdir)
+  logged = loop_windows(workdir)
+  windows = (config.train.num_steps - config.train.log_every) // config.train.log_every
   if len(logged) != windows + 1 or not np.isfinite(summary["loss"]):
     raise SystemExit(f"bench/train.py: the trainer logged {len(logged)} windows (expected {windows + 1}) and loss "
                      f"{summary['loss']}.")
-  saved = sorted(int(p.name) for p in (scratch / "run" / "checkpoints").iterdir() if p.name.isdigit())
-  loop_s, bare_s = statistics.mean(logged[1:]), statistics.mean(before + after)
-  median_overhead = statistics.median(logged[1:]) / statistics.median(before + after) - 1
-  outside = wall - log_every * sum(logged[1:])
-  return dict(loop_s=loop_s, bare_s=bare_s, overhead=loop_s / bare_s - 1, median_overhead=median_overhead,
-              loop_windows=logged[1:],
-              bare_windows=before + after, checkpoints=saved, train_wall_s=wall, outside_windows_s=outside,
-              log_every=log_every, checkpoint_every=checkpoint_every, steps=steps,
+  return logged[1:]
+
+
+def measure_trainer(config, bare: BareStep, params, scratch: Path, runs: int) -> dict:
+  """`runs` trainer runs, each between two sets of bare windows (the set after one run is the set before the
+  next), so that the box's drift falls on both sides; pooled overhead = mean of all loop windows / mean of all
+  bare windows - 1, and each run's against its own two sets."""
+  log_every, checkpoint_every = config.train.log_every, config.train.checkpoint_every
+  steps = config.train.num_steps - log_every
+  init = checkpoint.save_model_dir(scratch / "init", params, config)
+  bare_sets = [bare.windows(steps // log_every, log_every)]
+  loop_sets, walls = [], []
+  for run in range(runs):
+    start = time.perf_counter()
+    loop_sets.append(trainer_run(config, init, scratch / f"run{run}"))
+    walls.append(time.perf_counter() - start)
+    bare_sets.append(bare.windows(steps // log_every, log_every))
+  saved = sorted(int(p.name) for p in (scratch / "run0" / "checkpoints").iterdir() if p.name.isdigit())
+  loop_all, bare_all = sum(loop_sets, []), sum(bare_sets, [])
+  per_run = [statistics.mean(w) / statistics.mean(bare_sets[i] + bare_sets[i + 1]) - 1
+             for i, w in enumerate(loop_sets)]
+  loop_s, bare_s = statistics.mean(loop_all), statistics.mean(bare_all)
+  return dict(loop_s=loop_s, bare_s=bare_s, overhead=loop_s / bare_s - 1, run_overheads=per_run,
+              median_overhead=statistics.median(loop_all) / statistics.median(bare_all) - 1,
+              loop_windows=loop_all, bare_windows=bare_all, checkpoints=saved, train_wall_s=walls,
+              outside_windows_s=[wall - log_every * sum(w) for wall, w in zip(walls, loop_sets)],
+              log_every=log_every, checkpoint_every=checkpoint_every, steps=steps, runs=runs,
               workers=config.data.num_workers)
 
 
@@ -302,7 +317,7 @@ def run_config(name: str, args) -> dict:
     if not trainer:
       return dict(config=name, compile_s=compile_s, **step)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
-      overhead = measure_trainer(config, bare, params, Path(scratch))
+      overhead = measure_trainer(config, bare, params, Path(scratch), args.trainer_runs)
   return dict(config=name, compile_s=compile_s, **step, trainer=overhead)
 
 
@@ -319,11 +334,13 @@ def report(r: dict) -> None:
     return
   t = r["trainer"]
   print(f"  trainer ({t['workers']} data worker, log every {t['log_every']}, async checkpoint every "
-        f"{t['checkpoint_every']}, {t['steps']} steps): {t['loop_s']:.3f} s/step vs bare {t['bare_s']:.3f} s/step "
-        f"(means) -> overhead {t['overhead']:+.1%} (of the medians {t['median_overhead']:+.1%})\n"
+        f"{t['checkpoint_every']}, {t['steps']} steps, {t['runs']} run(s)): {t['loop_s']:.3f} s/step vs bare "
+        f"{t['bare_s']:.3f} s/step (means) -> overhead {t['overhead']:+.1%} (per run "
+        f"{', '.join('%+.1f%%' % (100 * o) for o in t['run_overheads'])}; of the medians "
+        f"{t['median_overhead']:+.1%})\n"
         f"    loop windows {['%.3f' % w for w in t['loop_windows']]}, bare {['%.3f' % w for w in t['bare_windows']]}"
-        f"; checkpoints {t['checkpoints']}; train() wall {t['train_wall_s']:.1f} s, "
-        f"{t['outside_windows_s']:.1f} s of it outside the measured windows", flush=True)
+        f"; checkpoints {t['checkpoints']}; train() wall {['%.1f' % w for w in t['train_wall_s']]} s, "
+        f"{['%.1f' % w for w in t['outside_windows_s']]} s of it outside the measured windows", flush=True)
 
 
 def main(argv=None):
@@ -331,6 +348,8 @@ def main(argv=None):
   parser.add_argument("--configs", default="demo,mid")
   parser.add_argument("--quick", action="store_true", help="the smoke config only")
   parser.add_argument("--trainer", default="demo,quick", help="configs whose trainer overhead is measured too")
+  parser.add_argument("--trainer-runs", type=int, default=3,
+                      help="trainer runs per config, each between sets of bare windows (the box drifts)")
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--gemm", type=int, default=2048, help="side of the roof GEMM")
   parser.add_argument("--json", help="also write the results here")
