@@ -6,12 +6,13 @@ Why: XLA CPU allocates an executable's temporaries as one block afresh on every 
 169 MB) and frees it after. glibc serves a block that large with mmap from the executing thread and unmaps it on
 free; its tunables cannot keep it (thread arenas fall back to mmap above 64 MB whatever `mmap_max` says), so every
 demo step faulted in ~41,000 fresh 4 KiB pages, ~19% of the demo's CPU time. jemalloc with the configuration
-below reuses the block: ~20 faults per step and the demo's step ~1.2x faster (NOTES.md, sixteenth session). This
-is the usual LD_PRELOAD recipe for CPU training (PyTorch's CPU tuning guides give the same `MALLOC_CONF`).
+below reuses the block: ~20 faults per step and the demo's step ~1.2x faster (NOTES.md, sixteenth session).
+Preloading jemalloc with large blocks kept and decay off is a common recipe for CPU training (PyTorch's CPU
+performance guides give a similar `MALLOC_CONF`).
 
 The allocator must be in place before the first allocation, so the process replaces itself (execve: same process
 id, arguments and environment, plus LD_PRELOAD and MALLOC_CONF); the LD_PRELOAD it then carries ends the restarts.
-Opt out with SPHINX_JAX_ALLOCATOR=system. Accelerator runs lose nothing: only host allocations change.
+Opt out with SPHINX_JAX_ALLOCATOR=system. On an accelerator only the host's allocations change.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def allocator_library(prefix: str = sys.prefix) -> str | None:
   bundled = Path(prefix) / "lib" / LIBRARY
   if bundled.is_file():
     return str(bundled)
-  return LIBRARY if ctypes.util.find_library("jemalloc") else None
+  return LIBRARY if ctypes.util.find_library("jemalloc") == LIBRARY else None
 
 
 def allocator_environ(environ, library: str | None) -> dict | None:
