@@ -5,11 +5,12 @@ LLaMA, the demo starts from parts pre-trained on the same world: frozen towers (
 configs/assets/make_demo_towers.py; their read-outs include the box as the answers print it, per-shape counts, and a
 fixed one-hot code of each shape's colour, shape and box tenths) and a decoder pre-trained on text, the world's
 scenes described in words (configs/assets/demo_llm, the export of `configs/demo.py:llm`, `llm_config` below); the
-fusion starts fresh. 1800 steps: ~8 min on the ninth to fourteenth sessions' 2-core box (458 s wall), four
-evaluations of 256 held-out samples included. There (eval world seed 10000): VQA 0.797 (answering from the question
-alone: 0.41; count 0.97, colour 0.72, shape 0.82, left/right 0.56), REC (IoU >= 0.5) 0.50 (mean IoU 0.40): 0.91 on
-one-shape scenes, 0.29 / 0.21 with 2 / 3 shapes, where the box fits another shape than the named one about as often
-(rec/other_shape 0.28): the decoder reads a shape's box and commits to one, but does not yet follow the expression.
+fusion starts fresh. 1800 steps: ~7 min on the ninth to sixteenth sessions' 2-core box (412 s wall on jemalloc,
+sphinx_jax/host_memory.py), four evaluations of 256 held-out samples included. There (eval world seed 10000): VQA
+0.797 (answering from the question alone: 0.41; count 0.97, colour 0.72, shape 0.82, left/right 0.56), REC (IoU >=
+0.5) 0.50 (mean IoU 0.40): 0.91 on one-shape scenes, 0.29 / 0.21 with 2 / 3 shapes, where the box fits another shape
+than the named one about as often (rec/other_shape 0.28): the decoder reads a shape's box and commits to one, but does
+not yet follow the expression.
 VQA does not either: colour / shape questions about scenes of several shapes get the asked shape's answer 0.46 of
 the time and another shape's 0.54 (vqa/named_shape, vqa/other_shape); its 0.797 comes from the counts and one-shape
 scenes (0.99; 2 / 3 shapes 0.75 / 0.60). These numbers move by up to ~0.03 with the float path alone (NOTES.md,
