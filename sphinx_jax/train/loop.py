@@ -24,6 +24,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sphinx_jax import config as cfg
+from sphinx_jax import host_memory
 from sphinx_jax import sharding as sh
 from sphinx_jax.checkpoint import flatten
 from sphinx_jax.handle import MODEL_PARTS
@@ -257,7 +258,8 @@ def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, 
   last = t.num_steps if stop_after is None else min(t.num_steps, first + stop_after)
   pending, window_start, window_tokens, window_images = [], time.perf_counter(), 0, 0
   peak = t.get("peak_flops") or 0.0
-  summary = {"first_step": first, "eval": {}}
+  # the allocator matters to the step time on CPU (host_memory); recorded so that runs compare like with like
+  summary = {"first_step": first, "eval": {}, "host_allocator": host_memory.loaded_allocator()}
   evaluator = Evaluator(config, model, tokenizer) if t.eval_every else None
 
   def evaluate(done):
