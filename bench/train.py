@@ -21,21 +21,20 @@ Model FLOPs per step (the MFU numerator) are the trainer's own formula, train/fl
 6 x decoder matmul params x positions + causal attention, the fusion projections' forward and weight gradient,
 and the frozen towers' forward only. MFU = FLOPs / step time / roof.
 
-Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process,
-metrics every `log_every` steps to metrics.jsonl and TensorBoard, async Orbax checkpoints every
-`checkpoint_every` steps, no evaluation) runs one warm-up window plus `steps` steps (CONFIGS) from a model
-directory of the same random weights (`train.init_from`, so no init compile; the step itself comes from a
-persistent compilation cache private to the run, as the benchmark compiled it already). Its step time is what the
-loop logs per window (`steps_per_s`: wall time from one log to the next, everything the host does in between
-included); the first window (compile) is dropped. Bare: the jitted step on pre-fetched device batches, timed in
-windows of `log_every` steps ending in the same sync (metrics fetched to the host), run before and after each
-trainer run (`--trainer-runs`, default 3: on a small shared box one run's overhead swings by +-7 points) so that
-drifting load falls on both. Overhead = mean loop window / mean bare window - 1 over all runs: every window counts,
-so each checkpoint save is paid in full (a median would drop the windows holding a save once fewer than half of
-them do; it is reported too). The demo's schedule: log every 20 steps, as configs/demo.py, and a checkpoint every
-100 (the demo itself saves every 600), over 200 measured steps. The final
-checkpoint's wait, setup and compile are outside every window (reported as train() wall minus the logged
-windows after the first).
+Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process, metrics
+every `log_every` steps to metrics.jsonl and TensorBoard, async Orbax checkpoints every `checkpoint_every` steps, no
+evaluation) runs one warm-up window plus `steps` steps (CONFIGS) from a model directory of the same random weights
+(`train.init_from`, so no init compile; the step itself comes from a persistent compilation cache private to the run,
+as the benchmark compiled it already). Its step time is what the loop logs per window (`steps_per_s`: wall time from
+one log to the next, everything the host does in between included); the first window (compile) is dropped. Bare: the
+jitted step on pre-fetched device batches, timed in windows of `log_every` steps ending in the same sync (metrics
+fetched to the host), run before and after each trainer run (`--trainer-runs`, default 3: on a small shared box one
+run's overhead swings by up to ~20 points) so that drifting load falls on both. Overhead = mean loop window / mean
+bare window - 1 over all runs: every window counts, so each checkpoint save is paid in full (a median would drop the
+windows holding a save once fewer than half of them do; it is reported too). The demo's schedule: log every 20 steps,
+as configs/demo.py, and a checkpoint every 100 (the demo itself saves every 600), over 200 measured steps. The final
+checkpoint's wait, setup and compile are outside every window (reported as train() wall minus the logged windows after
+the first).
 """
 from __future__ import annotations
 
@@ -57,9 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from configs import demo  # noqa: E402
-from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import checkpoint  # noqa: E402
 from sphinx_jax import config as cfg  # noqa: E402
+from sphinx_jax import host_memory  # noqa: E402
 from sphinx_jax import sharding as sh  # noqa: E402
 from sphinx_jax.data import pipeline  # noqa: E402
 from sphinx_jax.data.image import CLIP_MEAN, CLIP_STD  # noqa: E402
