@@ -15,7 +15,8 @@ def test_quick_run_reports_mfu_and_trainer_overhead(tmp_path):
   out = tmp_path / "results.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   run = subprocess.run([sys.executable, "bench/train.py", "--quick", "--iters", "1", "--gemm", "256",
-                        "--trainer-runs", "2", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                        "--trainer-runs", "2", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   [r] = json.loads(out.read_text())
   assert r["config"] == "quick" and "of roof" in run.stdout and "overhead" in run.stdout
