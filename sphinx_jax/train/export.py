@@ -4,7 +4,8 @@ consolidated weights that are already the released format.
 
 Reads WORKDIR/checkpoints/<step>/state (the TrainState pytree) and .../config (the resolved config); only the
 `params/...` leaves are taken (optimizer state, step and counters are left behind), streamed one stored chunk
-at a time, so exporting needs no more memory than mixing. The tokenizer named by `config.data.tokenizer` is
+at a time, so exporting needs no more memory than mixing. The frozen params the step names come from
+WORKDIR/frozen_params (train/checkpoints.py). The tokenizer named by `config.data.tokenizer` is
 copied in when it exists. A run started from `train.init_from` trains only the model's parts (handle.MODEL_PARTS);
 the side trees of that directory (`extras/…`: leaves LLaMA2-Accessory stores but never uses) are copied over
 unchanged, so the export converts back to the accessory format like the directory it started from.
@@ -16,6 +17,7 @@ from pathlib import Path
 from sphinx_jax import checkpoint
 from sphinx_jax.errors import SphinxError
 from sphinx_jax.handle import MODEL_PARTS
+from sphinx_jax.train import checkpoints
 
 PARAMS_PREFIX = "params/"
 
@@ -49,6 +51,20 @@ def side_leaves(config) -> dict:
   return _streamed(Path(init_from).absolute() / checkpoint.PARAMS_DIR, shapes)
 
 
+def frozen_leaves(saved) -> dict:
+  """{path: StreamedLeaf} of the frozen params the step directory `saved` left to WORKDIR/frozen_params."""
+  names = checkpoints.stored_frozen(saved)
+  if not names:
+    return {}
+  frozen = saved.parent.parent / checkpoints.FROZEN_DIR
+  shapes = checkpoint.orbax_shapes(frozen) if frozen.is_dir() else {}
+  if missing := [p for p in names if p not in shapes]:
+    problem = f"no leaf {missing[0]!r}" if shapes else "missing"
+    raise SphinxError(f"{frozen}: {problem}; step {saved.name} keeps its frozen params (the towers) there. "
+                      "Restore that directory from the run.")
+  return _streamed(frozen, {p: shapes[p] for p in names})
+
+
 def export(workdir, out, step: int | None = None, overwrite: bool = False, side_trees: bool = True) -> Path:
   """Writes the params of training step `step` (default: the latest) of `workdir` as a model directory, plus
   the side trees of `train.init_from` unless `side_trees` is False."""
@@ -63,7 +79,7 @@ def export(workdir, out, step: int | None = None, overwrite: bool = False, side_
             if p.startswith(PARAMS_PREFIX)}
   checkpoint.check_destination(out, overwrite)
   side = side_leaves(config) if side_trees else {}
-  leaves = {**side, **_streamed(saved / "state", shapes, PARAMS_PREFIX)}
+  leaves = {**side, **_streamed(saved / "state", shapes, PARAMS_PREFIX), **frozen_leaves(saved)}
   tokenizer = config.get("data", {}).get("tokenizer") or None
   tokenizer = tokenizer if tokenizer and Path(tokenizer).is_file() else None
   return checkpoint.save_streamed_model_dir(out, leaves, config, tokenizer, overwrite=overwrite,

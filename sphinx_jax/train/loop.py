@@ -204,18 +204,24 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
     manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints,
                                   keep_period=config.train.get("keep_period") or None)
     data_state = None
-    if manager.latest_step() is not None:
+    frozen = opt_lib.frozen_leaves(program.abstract_state.params, config.train.trainable)
+    if (last_saved := manager.latest_step()) is not None:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             program.abstract_state, program.state_shardings)
-      state, data_state, _ = checkpoints.restore(manager, manager.latest_step(), target)
+      state, data_state, _ = checkpoints.restore(manager, last_saved, target, frozen)
+      # a step saved before the frozen params had their own directory holds them all: they go there now
+      write_frozen = not checkpoints.stored_frozen(checkpoints.step_dir(manager, last_saved))
     else:
       params = initial_params(config, program.boxed_init, program.state_shardings.params)
       state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+      write_frozen = True
+    if frozen and write_frozen:
+      checkpoints.save_frozen(manager, state.params, frozen)
     data = pipeline.make_iterator(config.data, tokenizer, image_size=config.model.image_size,
                                   image_words=cfg.image_tokens(config.model))
     if data_state is not None:
       data.set_state(data_state)
-    summary = _run(config, workdir, lead, program.model, tokenizer, manager, data, state, program.step,
+    summary = _run(config, workdir, lead, program.model, tokenizer, manager, frozen, data, state, program.step,
                    program.batch_sharding, stop_after)
   if config.train.get("export_to") and summary["last_step"] == config.train.num_steps:
     summary["export"] = str(export_lib.export(workdir, config.train.export_to, overwrite=True))
@@ -249,7 +255,7 @@ class Preemption:
     return manager.reached_preemption(step) if jax.process_count() > 1 else self.requested
 
 
-def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, in_batch, stop_after):
+def _run(config, workdir, lead, model, tokenizer, manager, frozen, data, state, jitted, in_batch, stop_after):
   from tqdm import tqdm
 
   t = config.train
@@ -303,7 +309,7 @@ def _run(config, workdir, lead, model, tokenizer, manager, data, state, jitted, 
         if t.eval_every and (done % t.eval_every == 0 or done == t.num_steps):
           evaluate(done)
         if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
-          checkpoints.save(manager, done, state, data.get_state(), config)
+          checkpoints.save(manager, done, state, data.get_state(), config, frozen)
         if preempted:
           last = summary["preempted_at"] = done
           bar.write(f"train: preempted at step {done}; checkpoint saved, run the same command to resume.")

@@ -38,6 +38,12 @@ def path_labels(params, patterns: Sequence[str], *, matched="train", unmatched="
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
+def frozen_leaves(params, trainable: str) -> frozenset[str]:
+  """'/'-joined paths of the leaves that preset `trainable` leaves frozen (the optimizer's `frozen` label)."""
+  labels = traverse_util.flatten_dict(path_labels(params, TRAINABLE_PRESETS[trainable]), sep="/")
+  return frozenset(path for path, label in labels.items() if label == "frozen")
+
+
 def decay_mask(params):
   """True where weight decay applies: not a bias, not an RMSNorm weight (a `weight` leaf under `*norm`)."""
   def decays(path):
