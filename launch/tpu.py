@@ -3,7 +3,7 @@ requirements on every worker, run the same `sphinx-jax train` on all workers, st
 
   python launch/tpu.py --name sphinx --zone us-east5-a --project my-proj --tpu v5p-128 create
   python launch/tpu.py ... install
-  python launch/tpu.py ... run -- --config configs/sphinx.py:sphinx_1k --workdir gs://bucket/run1
+  python launch/tpu.py ... run -- --config configs/sphinx.py:sphinx_1k --workdir /gcs/bucket/run1
   python launch/tpu.py ... logs | stop | delete
 Every subcommand takes --dry-run, which prints the exact gcloud commands instead of running them.
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
-TRAIN = ["--", "--config", "configs/sphinx.py:sphinx_1k", "--workdir", "gs://bucket/run"]
+TRAIN = ["--", "--config", "configs/sphinx.py:sphinx_1k", "--workdir", "/gcs/bucket/run"]
 COMMON = ["--name", "sx", "--zone", "us-east5-a", "--project", "proj", "--dry-run"]
 
 
@@ -21,7 +21,7 @@ def test_v5p_128_single_slice():
   run, = dry_run("tpu.py", "run", "--tpu", "v5p-128", *COMMON, *TRAIN)
   assert run[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sx", "--zone=us-east5-a", "--project=proj",
                      "--worker=all"]
-  assert "sphinx-jax train --config configs/sphinx.py:sphinx_1k --workdir gs://bucket/run" in run[9]
+  assert "sphinx-jax train --config configs/sphinx.py:sphinx_1k --workdir /gcs/bucket/run" in run[9]
   delete, = dry_run("tpu.py", "delete", "--tpu", "v5p-128", *COMMON)
   assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "sx", "--zone=us-east5-a", "--project=proj",
                     "--quiet"]

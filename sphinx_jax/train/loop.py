@@ -39,6 +39,7 @@ from sphinx_jax.train import export as export_lib
 from sphinx_jax.train import optimizer as opt_lib
 from sphinx_jax.train import state as state_lib
 from sphinx_jax.train import step as step_lib
+from sphinx_jax.train import workdir as workdir_lib
 from sphinx_jax.train.stored import stored_params
 from sphinx_jax.train.evaluation import Evaluator
 
@@ -190,8 +191,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
   stop_after: return after this many steps of this invocation (tests use it to simulate preemption).
   """
   cfg.validate(config, num_devices=jax.device_count(), training=True)
-  workdir = Path(workdir)
+  workdir = workdir_lib.local_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.check_shared(workdir)
   lead = jax.process_index() == 0
   mesh = sh.make_mesh(config.mesh)
   rules = sh.rules_from_config(config)
@@ -223,7 +225,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
       data.set_state(data_state)
     summary = _run(config, workdir, lead, program.model, tokenizer, manager, frozen, data, state, program.step,
                    program.batch_sharding, stop_after)
-  if config.train.get("export_to") and summary["last_step"] == config.train.num_steps:
+  # process 0 alone: the model directory is one set of files, written through a rename that would race
+  if config.train.get("export_to") and summary["last_step"] == config.train.num_steps and lead:
     summary["export"] = str(export_lib.export(workdir, config.train.export_to, overwrite=True))
   return summary
 
