@@ -430,12 +430,16 @@ def save_streamed_model_dir(path, leaves: Mapping[str, StreamedLeaf], config, to
   """
   registry = ocp.type_handlers.create_type_handler_registry((jax.Array, ocp.type_handlers.ArrayHandler()),
                                                             (StreamedLeaf, _StreamedLeafHandler(lookahead)))
-  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
+  # Host data written by this process alone, with barriers among itself only: process 0 of a multi-process
+  # training run exports while the other processes have finished.
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress,
+                                        multiprocessing_options=alone)
   tree = unflatten(dict(leaves))
   save_args = jax.tree.map(lambda leaf: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=leaf.split_axes), tree)
 
   def write(dst):
-    with ocp.Checkpointer(handler) as checkpointer, _quiet_about(SphinxError):
+    with ocp.Checkpointer(handler, multiprocessing_options=alone) as checkpointer, _quiet_about(SphinxError):
       checkpointer.save(dst, args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
   return _write_model_dir(path, write, config, tokenizer, metadata, overwrite)

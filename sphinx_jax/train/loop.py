@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sphinx_jax import config as cfg
@@ -225,9 +226,11 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
       data.set_state(data_state)
     summary = _run(config, workdir, lead, program.model, tokenizer, manager, frozen, data, state, program.step,
                    program.batch_sharding, stop_after)
-  # process 0 alone: the model directory is one set of files, written through a rename that would race
-  if config.train.get("export_to") and summary["last_step"] == config.train.num_steps and lead:
-    summary["export"] = str(export_lib.export(workdir, config.train.export_to, overwrite=True))
+  if config.train.get("export_to") and summary["last_step"] == config.train.num_steps:
+    if lead:  # one set of files, put in place by a rename: one writer
+      summary["export"] = str(export_lib.export(workdir, config.train.export_to, overwrite=True))
+    if jax.process_count() > 1:  # the others wait here, not in jax.distributed's shutdown barrier, which times out
+      multihost_utils.sync_global_devices("export written")
   return summary
 
 
