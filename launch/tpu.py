@@ -3,6 +3,7 @@ requirements on every worker, run the same `sphinx-jax train` on all workers, st
 
   python launch/tpu.py --name sphinx --zone us-east5-a --project my-proj --tpu v5p-128 create
   python launch/tpu.py ... install
+  python launch/tpu.py ... mount --bucket bucket        # gs://bucket at /gcs/bucket on every worker (gcsfuse)
   python launch/tpu.py ... run -- --config configs/sphinx.py:sphinx_1k --workdir /gcs/bucket/run1
   python launch/tpu.py ... logs | stop | delete
 Every subcommand takes --dry-run, which prints the exact gcloud commands instead of running them.
@@ -87,6 +88,27 @@ def install(args) -> list[list[str]]:
   return commands + on_all_workers(args, setup)
 
 
+GCSFUSE_APT = "https://packages.cloud.google.com/apt"
+GCSFUSE_KEY = "/usr/share/keyrings/cloud.google.asc"
+# Orbax commits a checkpoint by renaming its directory; on a flat bucket gcsfuse renames only directories of up
+# to this many objects (one copy each, not atomic); hierarchical-namespace buckets rename atomically.
+RENAME_DIR_LIMIT = 100_000
+
+
+def mount(args) -> list[list[str]]:
+  """Mounts gs://BUCKET at the same path on every worker with Cloud Storage FUSE (installed from Google's apt
+  repository when missing): the shared WORKDIR the trainer needs (sphinx_jax/train/workdir.py)."""
+  at = args.mount_point or f"/gcs/{args.bucket}"
+  install_gcsfuse = (
+      f'echo "deb [signed-by={GCSFUSE_KEY}] {GCSFUSE_APT} gcsfuse-$(lsb_release -c -s) main" | '
+      "sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null && "
+      f"curl -fsSL {GCSFUSE_APT}/doc/apt-key.gpg | sudo tee {GCSFUSE_KEY} > /dev/null && "
+      "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse")
+  command = (f"(command -v gcsfuse > /dev/null || ({install_gcsfuse})) && sudo mkdir -p {at} && "
+             f'sudo chown "$USER" {at} && (mountpoint -q {at} || gcsfuse --implicit-dirs --rename-dir-limit={RENAME_DIR_LIMIT} {args.bucket} {at})')
+  return on_all_workers(args, command)
+
+
 def run(args) -> list[list[str]]:
   train = " ".join(["sphinx-jax", "train", *args.train_args])
   command = f"cd {REMOTE_DIR} && nohup .venv/bin/{train} > {LOG} 2>&1 &"
@@ -109,7 +131,8 @@ def delete(args) -> list[list[str]]:
   return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *where(args), "--quiet"]]
 
 
-ACTIONS = {"create": create, "install": install, "run": run, "logs": logs, "stop": stop, "delete": delete}
+ACTIONS = {"create": create, "install": install, "mount": mount, "run": run, "logs": logs, "stop": stop,
+           "delete": delete}
 
 
 def parse(argv):
@@ -126,11 +149,18 @@ def parse(argv):
   p.add_argument("--queued", action="store_true", help="single slice through queued resources")
   p.add_argument("--spot", action="store_true")
   p.add_argument("--runtime", default=None, help="TPU VM runtime image (default per generation)")
+  p.add_argument("--bucket", default=None, help="mount: the Cloud Storage bucket (name, no gs://)")
+  p.add_argument("--mount-point", default=None, help="mount: where on every worker (default /gcs/BUCKET)")
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   args = p.parse_args(argv)
   args.train_args = train_args
   if args.action == "run" and not train_args:
     p.error("run: give the training arguments after --, e.g. -- --config configs/sphinx.py:sphinx_1k --workdir DIR")
+  if args.action == "mount" and not args.bucket:
+    p.error("mount: give --bucket NAME")
+  if args.action == "run" and (url := next((a for a in train_args if a.startswith("gs://")), None)):
+    p.error(f"run: {url}: the trainer writes to a directory every worker sees; mount the bucket first "
+            "(`mount --bucket NAME`) and pass /gcs/NAME/... instead")
   return args
 
 

@@ -41,6 +41,27 @@ def test_two_slice_v5e_256_goes_through_queued_resources():
   assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "sx"]
 
 
+def test_mount_puts_the_bucket_at_one_path_on_every_worker_of_every_slice():
+  mounts = dry_run("tpu.py", "mount", "--bucket", "bkt", "--tpu", "v5e-256", "--num-slices", "2", *COMMON)
+  assert [m[:7] for m in mounts] == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, "--zone=us-east5-a"]
+                                     for node in ("sx-0", "sx-1")]
+  for m in mounts:
+    assert "--worker=all" in m
+    command = m[-1]
+    assert command.startswith("--command=(command -v gcsfuse > /dev/null || (")
+    assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in command
+    assert command.endswith("(mountpoint -q /gcs/bkt || gcsfuse --implicit-dirs --rename-dir-limit=100000 bkt "
+                             "/gcs/bkt)")
+
+
+def test_a_bucket_url_as_workdir_is_refused_with_the_mount_hint():
+  out = subprocess.run([sys.executable, "launch/tpu.py", "run", "--tpu", "v5p-128", *COMMON, "--", "--config",
+                        "configs/sphinx.py:sphinx_1k", "--workdir", "gs://bkt/run"], cwd=ROOT, capture_output=True,
+                       text=True)
+  assert out.returncode == 2 and out.stdout == ""
+  assert "run: gs://bkt/run: the trainer writes to a directory every worker sees; mount the bucket first" in out.stderr
+
+
 def test_bad_tpu_name_is_refused():
   out = subprocess.run([sys.executable, "launch/tpu.py", "create", "--tpu", "v7-8", *COMMON], cwd=ROOT,
                        capture_output=True, text=True)
