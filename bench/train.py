@@ -34,7 +34,9 @@ bare window - 1 over all runs: every window counts, so each checkpoint save is p
 windows holding a save once fewer than half of them do; it is reported too). The demo's schedule: log every 20 steps,
 as configs/demo.py, and a checkpoint every 100 (the demo itself saves every 600), over 200 measured steps. The final
 checkpoint's wait, setup and compile are outside every window (reported as train() wall minus the logged windows after
-the first).
+the first). The trainer is measured before the PyTorch steps run in the process: measured after them, its first run
+was the slowest of three in six of eight bench runs (by up to 25 points), which four trainer runs without PyTorch
+in the process did not show (BENCHMARKS.md, seventeenth session).
 """
 from __future__ import annotations
 
@@ -312,11 +314,11 @@ def run_config(name: str, args) -> dict:
     start = time.perf_counter()
     bare.run()
     compile_s = time.perf_counter() - start
-    step = measure_step(config, bare, host, args.iters, args.gemm)
     if not trainer:
-      return dict(config=name, compile_s=compile_s, **step)
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+      return dict(config=name, compile_s=compile_s, **measure_step(config, bare, host, args.iters, args.gemm))
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:  # before any PyTorch step: see above
       overhead = measure_trainer(config, bare, params, Path(scratch), args.trainer_runs)
+    step = measure_step(config, bare, host, args.iters, args.gemm)
   return dict(config=name, compile_s=compile_s, **step, trainer=overhead)
 
 
