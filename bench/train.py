@@ -143,8 +143,8 @@ def host_batches(config, count: int) -> list[dict]:
   tokenizer = Tokenizer.from_file(config.data.tokenizer)
   data = pipeline.make_iterator(config.data, tokenizer, image_size=config.model.image_size,
                                 image_words=cfg.image_tokens(config.model))
-  try:
-    return [next(data) for _ in range(count)]
+  try:  # copies: the pipeline's arrays live in shared memory, released only with the arrays themselves
+    return [{k: np.array(v) for k, v in next(data).items()} for _ in range(count)]
   finally:
     data.close()
 
