@@ -46,3 +46,38 @@ def test_frozen_towers_are_kept_once_and_resume_exactly(tmp_path, monkeypatch):
   start = checkpoint.restore_leaves(ASSETS / "demo_towers", sorted(towers))
   for path in towers:
     np.testing.assert_array_equal(model[path], start[path], err_msg=path)
+
+
+def test_a_step_saved_with_all_its_params_resumes_and_moves_the_towers_out(tmp_path, monkeypatch):
+  """A workdir whose step holds every param (the layout before WORKDIR/frozen_params): the same command resumes it
+  bit for bit and writes the towers to frozen_params for the steps after."""
+  import jax
+  from flax import linen as nn
+  from sphinx_jax import sharding as sh
+  from sphinx_jax.config import load_config
+  from sphinx_jax.train import loop, optimizer as opt_lib
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  reference, new, old = tmp_path / "reference", tmp_path / "new", tmp_path / "old"
+  run_train(demo_args(reference), devices=1)
+  run_train(demo_args(new, "--stop_after=2"), devices=1)  # saved at step 2 in the new layout
+
+  args = demo_args(old)
+  config = load_config(args[args.index("--config") + 1], [a for a in args if a.startswith("--config.")])
+  mesh, rules = sh.make_mesh(config.mesh, devices=jax.devices()[:1]), sh.rules_from_config(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    program = loop.build(config, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), program.abstract_state,
+                          program.state_shardings)
+    frozen = opt_lib.frozen_leaves(program.abstract_state.params, config.train.trainable)
+    state, data_state, saved_config = checkpoints.restore(checkpoints.manager(new), 2, target, frozen)
+    mgr = checkpoints.manager(old, async_save=False)
+    checkpoints.save(mgr, 2, state, data_state, saved_config)  # every param in the step, no frozen list
+    mgr.wait_until_finished()
+  (old / "metrics.jsonl").write_text((new / "metrics.jsonl").read_text())
+  assert not (old / checkpoints.FROZEN_DIR).exists() and checkpoints.stored_frozen(old / "checkpoints" / "2") == []
+
+  run_train(args, devices=1)
+  assert losses(old) == losses(reference)
+  assert set(checkpoint.orbax_shapes(old / checkpoints.FROZEN_DIR)) == frozen
+  assert sorted(checkpoints.stored_frozen(old / "checkpoints" / str(STEPS))) == sorted(frozen)

@@ -206,20 +206,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
     program = build(config, mesh, rules)
     manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints,
                                   keep_period=config.train.get("keep_period") or None)
-    data_state = None
     frozen = opt_lib.frozen_leaves(program.abstract_state.params, config.train.trainable)
-    if (last_saved := manager.latest_step()) is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            program.abstract_state, program.state_shardings)
-      state, data_state, _ = checkpoints.restore(manager, last_saved, target, frozen)
-      # a step saved before the frozen params had their own directory holds them all: they go there now
-      write_frozen = not checkpoints.stored_frozen(checkpoints.step_dir(manager, last_saved))
-    else:
-      params = initial_params(config, program.boxed_init, program.state_shardings.params)
-      state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
-      write_frozen = True
-    if frozen and write_frozen:
-      checkpoints.save_frozen(manager, state.params, frozen)
+    state, data_state = start_state(config, program, manager, frozen)
     data = pipeline.make_iterator(config.data, tokenizer, image_size=config.model.image_size,
                                   image_words=cfg.image_tokens(config.model))
     if data_state is not None:
@@ -232,6 +220,24 @@ def train(config, workdir, *, stop_after: int | None = None) -> dict:
     if jax.process_count() > 1:  # the others wait here, not in jax.distributed's shutdown barrier, which times out
       multihost_utils.sync_global_devices("export written")
   return summary
+
+
+def start_state(config, program: Program, manager, frozen) -> tuple[Any, dict | None]:
+  """(train state, data iterator state or None): the latest complete checkpoint's, or a fresh state. The `frozen`
+  params are written to WORKDIR/frozen_params (checkpoints.save_frozen) before any step of this run is saved: at a
+  fresh start, and after a step saved with all its params (before that directory existed)."""
+  if (last_saved := manager.latest_step()) is None:
+    params = initial_params(config, program.boxed_init, program.state_shardings.params)
+    state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
+    data_state, write_frozen = None, True
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          program.abstract_state, program.state_shardings)
+    state, data_state, _ = checkpoints.restore(manager, last_saved, target, frozen)
+    write_frozen = not checkpoints.stored_frozen(checkpoints.step_dir(manager, last_saved))
+  if frozen and write_frozen:
+    checkpoints.save_frozen(manager, state.params, frozen)
+  return state, data_state
 
 
 class Preemption:
