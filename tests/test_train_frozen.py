@@ -8,6 +8,7 @@ from configs.demo import ASSETS
 from sphinx_jax import checkpoint
 from sphinx_jax.train import checkpoints
 
+import train_helpers
 from train_helpers import losses, run_train
 
 STEPS = 6
@@ -16,10 +17,7 @@ pytestmark = pytest.mark.slow  # three trainer subprocesses of the demo's model:
 
 
 def demo_args(workdir, *overrides):
-  return ["-m", "sphinx_jax", "train", "--config", "configs/demo.py", "--workdir", str(workdir),
-          f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-          "--config.train.eval_every=0", "--config.train.eval_at_start=False", "--config.data.global_batch_size=2",
-          "--config.data.num_workers=1", *overrides]
+  return train_helpers.demo_args(workdir, STEPS, *overrides)
 
 
 def test_frozen_towers_are_kept_once_and_resume_exactly(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from train_helpers import ROOT, env, losses, run_train, train_args, write_corpus
+from train_helpers import ROOT, demo_args, env, losses, run_train, train_args, write_corpus
 
 STEPS = 6
 
@@ -20,6 +20,16 @@ def free_port():
     return s.getsockname()[1]
 
 
+def two_processes(args_of, devices: int, timeout: int = 600) -> list[tuple[int, str]]:
+  """(exit status, stderr) of two `sphinx-jax` processes on loopback; `args_of(i)`: process i's arguments."""
+  address = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen([sys.executable, *args_of(i), f"--coordinator_address={address}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=ROOT, env=env(devices=devices), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errors = [proc.communicate(timeout=timeout)[1] for proc in procs]
+  return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+
+
 def test_two_processes_match_one(tmp_path):
   corpus, tok = write_corpus(tmp_path / "corpus")
   common = (f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=3")
@@ -27,14 +37,8 @@ def test_two_processes_match_one(tmp_path):
   run_train(train_args(single, corpus, tok, *common), devices=8)
 
   multi = tmp_path / "multi"
-  address = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen([sys.executable, *train_args(multi, corpus, tok, *common),
-                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=ROOT, env=env(devices=4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  for proc in procs:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+  for code, err in two_processes(lambda i: train_args(multi, corpus, tok, *common), devices=4):
+    assert code == 0, err[-3000:]
   expected, got = losses(single), losses(multi)
   assert sorted(got) == list(range(1, STEPS + 1))
   for step in expected:  # cross-process all-reduces (gloo) may sum in another order than in-process ones
@@ -46,14 +50,8 @@ def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
   """Each process given its own directory (a worker's local disk): every process stops with the reason, before
   any checkpoint is split across them."""
   corpus, tok = write_corpus(tmp_path / "corpus")
-  address = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen([sys.executable, *train_args(tmp_path / f"local{i}", corpus, tok),
-                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=ROOT, env=env(devices=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  for proc in procs:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err[-3000:]
+  for code, err in two_processes(lambda i: train_args(tmp_path / f"local{i}", corpus, tok), devices=1, timeout=300):
+    assert code == 2, err[-3000:]
     assert "processes [1] do not see the files process 0 writes there" in err, err[-3000:]
   assert not any((tmp_path / f"local{i}" / "checkpoints").exists() for i in range(2))
 
@@ -64,16 +62,8 @@ def test_two_processes_write_the_frozen_towers_once(tmp_path):
   from configs.demo import ASSETS
   from sphinx_jax import checkpoint
   workdir, model = tmp_path / "run", tmp_path / "model"
-  address = f"127.0.0.1:{free_port()}"
-  args = ["-m", "sphinx_jax", "train", "--config", "configs/demo.py", "--workdir", str(workdir),
-          "--config.train.num_steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
-          "--config.train.eval_at_start=False", "--config.data.global_batch_size=2", "--config.data.num_workers=1",
-          f"--config.train.export_to={model}", f"--coordinator_address={address}", "--num_processes=2"]
-  procs = [subprocess.Popen([sys.executable, *args, f"--process_id={i}"], cwd=ROOT, env=env(devices=1),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for proc in procs:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+  for code, err in two_processes(lambda i: demo_args(workdir, 2, f"--config.train.export_to={model}"), devices=1):
+    assert code == 0, err[-3000:]
   towers = sorted(p for p in checkpoint.abstract_params(ASSETS / "demo_towers") if p.startswith("towers/"))
   assert sorted(checkpoint.orbax_shapes(workdir / "frozen_params")) == towers
   exported, start = checkpoint.flatten(checkpoint.load_model_dir(model)[0]), checkpoint.restore_leaves(

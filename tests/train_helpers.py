@@ -30,6 +30,14 @@ def train_args(workdir, corpus, tok, *overrides):
           f"--config.model.llm.vocab_size={VOCAB}", "--config.data.max_len=48", *overrides]
 
 
+def demo_args(workdir, steps, *overrides):
+  """configs/demo.py (towers frozen) cut to `steps` steps of 2 rows, a checkpoint every 2, no evaluation."""
+  return ["-m", "sphinx_jax", "train", "--config", "configs/demo.py", "--workdir", str(workdir),
+          f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.eval_at_start=False", "--config.data.global_batch_size=2",
+          "--config.data.num_workers=1", *overrides]
+
+
 def env(devices: int = 8) -> dict:
   e = dict(os.environ, JAX_PLATFORMS="cpu")
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
