@@ -4,7 +4,7 @@ Orbax writes each checkpoint collectively (every process writes its own shards i
 process 0 commits it), so on a multi-host slice WORKDIR must be shared: a bucket mounted with gcsfuse, NFS,
 Filestore. A worker's local disk would silently hold a fraction of each checkpoint. URLs (gs://...) are refused:
 the logs, the summary and the drawn predictions are written with local file calls. The original
-(LLaMA2-Accessory) writes to a shared `--output_dir` with torch.save the same way.
+(LLaMA2-Accessory) likewise expects one `--output_dir` that all its nodes save their shards into.
 """
 from __future__ import annotations
 
