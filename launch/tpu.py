@@ -104,8 +104,9 @@ def mount(args) -> list[list[str]]:
       "sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null && "
       f"curl -fsSL {GCSFUSE_APT}/doc/apt-key.gpg | sudo tee {GCSFUSE_KEY} > /dev/null && "
       "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse")
+  gcsfuse = f"gcsfuse --implicit-dirs --rename-dir-limit={RENAME_DIR_LIMIT} {args.bucket} {at}"
   command = (f"(command -v gcsfuse > /dev/null || ({install_gcsfuse})) && sudo mkdir -p {at} && "
-             f'sudo chown "$USER" {at} && (mountpoint -q {at} || gcsfuse --implicit-dirs --rename-dir-limit={RENAME_DIR_LIMIT} {args.bucket} {at})')
+             f'sudo chown "$USER" {at} && (mountpoint -q {at} || {gcsfuse})')
   return on_all_workers(args, command)
 
 

@@ -139,11 +139,6 @@ def compile_step(name: str, lower, hbm: int) -> StepReport:
   return memory_report(name, compiled, time.perf_counter() - start, hbm)
 
 
-def abstract(tree, shardings):
-  """ShapeDtypeStructs of `tree` carrying `shardings` (what `.lower` takes instead of arrays)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def check_batch(config, mesh) -> None:
   rows = config.data.global_batch_size
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -182,7 +177,7 @@ def cache_shardings(mesh, rules) -> dict:
 
 # ----------------------------------------------------------------------------------------------- lowering
 def lower_train(program, config):
-  state = abstract(program.abstract_state, program.state_shardings)
+  state = program.placed_state()
   return lambda: program.step.lower(state, train_inputs(config, program.batch_sharding))
 
 
@@ -192,8 +187,7 @@ def lower_generation(program, config, mesh, rules):
   model, rows = program.model, config.data.global_batch_size
   image_words = cfg.image_tokens(config.model)
   cache_len, prompt = config.data.max_len, (config.data.max_len - image_words) // 2
-  params = compute_dtype_params(abstract(program.abstract_state.params, program.state_shardings.params),
-                                jnp.dtype(config.model.dtype))
+  params = compute_dtype_params(program.placed_state().params, jnp.dtype(config.model.dtype))
   batch = program.batch_sharding
   replicated = NamedSharding(mesh, PartitionSpec())
   caches = cache_shardings(mesh, rules)
@@ -208,7 +202,7 @@ def lower_generation(program, config, mesh, rules):
 
   prefill_jit = jax.jit(prefill, out_shardings=(batch, caches, batch))
   decode_jit = jax.jit(decode, out_shardings=(batch, caches), donate_argnums=(3,))
-  cache = abstract(jax.eval_shape(lambda: _empty_cache(config, rows, cache_len)), caches)
+  cache = sh.placed_abstract(jax.eval_shape(lambda: _empty_cache(config, rows, cache_len)), caches)
   key = jax.eval_shape(lambda: jax.random.key(0))
   scalar = spec((), jnp.float32, replicated)
   lower_prefill = lambda: prefill_jit.lower(  # noqa: E731

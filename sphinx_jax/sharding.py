@@ -118,3 +118,8 @@ def strip_boxes(tree) -> Any:
 def count_params(tree) -> int:
   """Total number of elements over the leaves of a (possibly abstract) tree."""
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(tree)))
+
+
+def placed_abstract(tree, shardings):
+  """ShapeDtypeStructs of `tree` carrying `shardings` (what `.lower` and Orbax's restore take instead of arrays)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

@@ -65,10 +65,8 @@ def test_a_step_saved_with_all_its_params_resumes_and_moves_the_towers_out(tmp_p
   mesh, rules = sh.make_mesh(config.mesh, devices=jax.devices()[:1]), sh.rules_from_config(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     program = loop.build(config, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), program.abstract_state,
-                          program.state_shardings)
     frozen = opt_lib.frozen_leaves(program.abstract_state.params, config.train.trainable)
-    state, data_state, saved_config = checkpoints.restore(checkpoints.manager(new), 2, target, frozen)
+    state, data_state, saved_config = checkpoints.restore(checkpoints.manager(new), 2, program.placed_state(), frozen)
     mgr = checkpoints.manager(old, async_save=False)
     checkpoints.save(mgr, 2, state, data_state, saved_config)  # every param in the step, no frozen list
     mgr.wait_until_finished()

@@ -156,6 +156,10 @@ class Program(NamedTuple):
   batch_sharding: NamedSharding
   step: Callable
 
+  def placed_state(self):
+    """The abstract state as ShapeDtypeStructs carrying their shardings (what restore and `.lower` take)."""
+    return sh.placed_abstract(self.abstract_state, self.state_shardings)
+
 
 def step_compiler_options(train, mesh) -> dict | None:
   """The step's XLA options: with `train.cpu_library_fusions` off and the mesh on CPU devices, XLA's own dot
@@ -231,9 +235,7 @@ def start_state(config, program: Program, manager, frozen) -> tuple[Any, dict | 
     state = jax.jit(lambda p: state_lib.create(p, program.tx), out_shardings=program.state_shardings)(params)
     data_state, write_frozen = None, True
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          program.abstract_state, program.state_shardings)
-    state, data_state, _ = checkpoints.restore(manager, last_saved, target, frozen)
+    state, data_state, _ = checkpoints.restore(manager, last_saved, program.placed_state(), frozen)
     write_frozen = not checkpoints.stored_frozen(checkpoints.step_dir(manager, last_saved))
   if frozen and write_frozen:
     checkpoints.save_frozen(manager, state.params, frozen)
