@@ -21,9 +21,9 @@ Model FLOPs per step (the MFU numerator) are the trainer's own formula, train/fl
 6 x decoder matmul params x positions + causal attention, the fusion projections' forward and weight gradient,
 and the frozen towers' forward only. MFU = FLOPs / step time / roof.
 
-Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process, metrics
-every `log_every` steps to metrics.jsonl and TensorBoard, async Orbax checkpoints every `checkpoint_every` steps, no
-evaluation) runs one warm-up window plus `steps` steps (CONFIGS) from a model directory of the same random weights
+Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process, under
+SCHED_IDLE by default, `data.worker_sched`; metrics every `log_every` steps to metrics.jsonl and TensorBoard, async
+Orbax checkpoints every `checkpoint_every` steps, no evaluation) runs one warm-up window plus `steps` steps (CONFIGS) from a model directory of the same random weights
 (`train.init_from`, so no init compile; the step itself comes from a persistent compilation cache private to the run,
 as the benchmark compiled it already). Its step time is what the loop logs per window (`steps_per_s`: wall time from
 one log to the next, everything the host does in between included); the first window (compile) is dropped. Bare: the
@@ -296,7 +296,7 @@ def measure_trainer(config, bare: BareStep, params, scratch: Path, runs: int) ->
               loop_windows=loop_all, bare_windows=bare_all, checkpoints=saved, train_wall_s=walls,
               outside_windows_s=[wall - log_every * sum(w) for wall, w in zip(walls, loop_sets)],
               log_every=log_every, checkpoint_every=checkpoint_every, steps=steps, runs=runs,
-              workers=config.data.num_workers)
+              workers=config.data.num_workers, worker_sched=config.data.worker_sched)
 
 
 def run_config(name: str, args) -> dict:
@@ -334,7 +334,7 @@ def report(r: dict) -> None:
   if "trainer" not in r:
     return
   t = r["trainer"]
-  print(f"  trainer ({t['workers']} data worker, log every {t['log_every']}, async checkpoint every "
+  print(f"  trainer ({t['workers']} data worker ({t['worker_sched']}), log every {t['log_every']}, async checkpoint every "
         f"{t['checkpoint_every']}, {t['steps']} steps, {t['runs']} run(s)): {t['loop_s']:.3f} s/step vs bare "
         f"{t['bare_s']:.3f} s/step (means) -> overhead {t['overhead']:+.1%} (per run "
         f"{', '.join('%+.1f%%' % (100 * o) for o in t['run_overheads'])}; of the medians "
