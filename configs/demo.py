@@ -11,12 +11,12 @@ sphinx_jax/host_memory.py), four evaluations of 256 held-out samples included. T
 0.5) 0.50 (mean IoU 0.40): 0.91 on one-shape scenes, 0.29 / 0.21 with 2 / 3 shapes, where the box fits another shape
 than the named one about as often (rec/other_shape 0.28): the decoder reads a shape's box and commits to one, but does
 not yet follow the expression.
-VQA does not either: colour / shape questions about scenes of several shapes get the asked shape's answer 0.46 of
-the time and another shape's 0.54 (vqa/named_shape, vqa/other_shape); its 0.797 comes from the counts and one-shape
-scenes (0.99; 2 / 3 shapes 0.75 / 0.60). These numbers move by up to ~0.03 with the float path alone (NOTES.md,
-fourteenth session: the same run before the causal attention blocks gave VQA 0.797, REC 0.516; scanned, with
-YNNPACK, 0.797 / 0.49); 2400 steps gave VQA 0.785, REC 0.520. The same demo with a fresh decoder: VQA 0.61-0.71
-(the count questions 0.39-0.64, depending on the float path), REC 0.52.
+VQA does not either: colour / shape questions about scenes of several shapes get the asked shape's answer 0.46 of the
+time and another shape's 0.54 (vqa/named_shape, vqa/other_shape); its 0.797 comes from the counts and one-shape scenes
+(0.99; 2 / 3 shapes 0.75 / 0.60). These numbers move by up to ~0.03 with the float path alone (NOTES.md, fourteenth
+session: the same run before the causal attention blocks gave VQA 0.797, REC 0.516; scanned, with YNNPACK, 0.797 /
+0.49; on an Intel Xeon, eighteenth session: 460 s, VQA 0.789, REC 0.488); 2400 steps gave VQA 0.785, REC 0.520. The
+same demo with a fresh decoder: VQA 0.61-0.71 (the count questions 0.39-0.64, depending on the float path), REC 0.52.
 
 Run: sphinx-jax train --config configs/demo.py --workdir runs/demo
 Data: generated on the fly by sphinx_jax/data/shapes.py (no downloads); tokenizer: configs/assets/

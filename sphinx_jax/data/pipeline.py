@@ -25,10 +25,10 @@ the iterator state), logged once per reason with the record id; past `max_bad_fr
 restores only into a pipeline with the same datasets, seed, batch size and `num_workers` (Grain's worker
 slicing changes the order otherwise).
 
-Processes: each group runs its own `num_workers` worker processes, by default under SCHED_IDLE
-(`data.worker_sched`, `run_when_idle`). `epochs=None` repeats forever (training);
-with `epochs` set the stream ends when a group's mixture runs out (Grain's mix stops at its first exhausted
-dataset), the last batch padded with empty rows (no targets, no image).
+Processes: each group runs its own `num_workers` worker processes, by default under SCHED_IDLE (`data.worker_sched`,
+`run_when_idle`). `epochs=None` repeats forever (training); with `epochs` set the stream ends when a group's mixture
+runs out (Grain's mix stops at its first exhausted dataset), the last batch padded with empty rows (no targets, no
+image).
 """
 from __future__ import annotations
 
@@ -307,10 +307,11 @@ def init_worker(worker_index: int, worker_count: int, *, sched: str):
 
 def run_when_idle():
   """Puts every thread of this process (and the threads it starts later) under Linux's SCHED_IDLE: it runs on
-  the cores the training process leaves idle and yields at once when a training thread wakes. Where the training
-  step itself computes on the host's cores (CPU training), a data worker at normal priority takes its CPU time
-  from the step's threads and holds up every parallel op of the step until it yields; on a host whose cores wait
-  for an accelerator it changes nothing. nice 19 where the policy does not exist (macOS)."""
+  the cores the training process leaves idle and yields at once when a training thread wakes. Where the step
+  itself computes on the host's cores (CPU training), a worker at normal priority takes its CPU time from the
+  step's threads (the demo on 2 cores: +5-14% over the bare step, against -1 to +4% idle; BENCHMARKS.md,
+  eighteenth session); on a host whose cores wait for an accelerator it changes little. nice 19 where the policy
+  does not exist (macOS)."""
   if not hasattr(os, "SCHED_IDLE"):
     os.nice(19)
     return
