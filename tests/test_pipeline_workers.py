@@ -106,3 +106,11 @@ def test_without_sched_idle_the_worker_takes_the_lowest_nice_level():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120)
   assert out.stdout.split() == ["19"], out.stderr[-2000:]
+
+
+def test_a_worker_that_may_not_change_its_policy_warns_and_carries_on(monkeypatch, caplog):
+  def refuse(*args):
+    raise PermissionError(1, "Operation not permitted")
+  monkeypatch.setattr(os, "sched_setscheduler", refuse)
+  pipeline.run_when_idle()
+  assert "cannot switch to SCHED_IDLE" in caplog.text and "worker_sched='normal'" in caplog.text

@@ -33,7 +33,6 @@ image).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
@@ -316,8 +315,14 @@ def run_when_idle():
     os.nice(19)
     return
   for thread in os.listdir("/proc/self/task"):  # threads started before this init, too
-    with contextlib.suppress(ProcessLookupError):  # a thread that has ended since the listing
+    try:
       os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
+    except ProcessLookupError:  # a thread that has ended since the listing
+      continue
+    except OSError as error:  # a sandbox that forbids the call: the worker still works, at normal priority
+      log.warning("data worker: cannot switch to SCHED_IDLE (%s); it runs at normal priority. Set "
+                  "config.data.worker_sched='normal' to skip the attempt.", error)
+      return
 
 
 def exit_with_parent():
