@@ -21,22 +21,22 @@ Model FLOPs per step (the MFU numerator) are the trainer's own formula, train/fl
 6 x decoder matmul params x positions + causal attention, the fusion projections' forward and weight gradient,
 and the frozen towers' forward only. MFU = FLOPs / step time / roof.
 
-Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process, under
-SCHED_IDLE by default, `data.worker_sched`; metrics every `log_every` steps to metrics.jsonl and TensorBoard, async
-Orbax checkpoints every `checkpoint_every` steps, no evaluation) runs one warm-up window plus `steps` steps (CONFIGS)
-from a model directory of the same random weights (`train.init_from`, so no init compile; the step itself comes from a
-persistent compilation cache private to the run, as the benchmark compiled it already). Its step time is what the loop
-logs per window (`steps_per_s`: wall time from one log to the next, everything the host does in between included); the
-first window (compile) is dropped. Bare: the jitted step on pre-fetched device batches, timed in windows of `log_every`
-steps ending in the same sync (metrics fetched to the host), run before and after each trainer run (`--trainer-runs`,
-default 3: on a small shared box one run's overhead swings by up to ~20 points) so that drifting load falls on both.
-Overhead = mean loop window / mean bare window - 1 over all runs: every window counts, so each checkpoint save is paid
-in full (a median would drop the windows holding a save once fewer than half of them do; it is reported too). The
-demo's schedule: log every 20 steps, as configs/demo.py, and a checkpoint every 100 (the demo itself saves every 600),
-over 200 measured steps. The final checkpoint's wait, setup and compile are outside every window (reported as train()
-wall minus the logged windows after the first). The trainer is measured before the PyTorch steps run in the process:
-measured after them, its first run was the slowest of three in six of eight bench runs (by up to 25 points), which four
-trainer runs without PyTorch in the process did not show (BENCHMARKS.md, seventeenth session).
+Trainer overhead (the configs in --trainer): `train/loop.train` (Grain data with the config's worker process, metrics
+every `log_every` steps to metrics.jsonl and TensorBoard, async Orbax checkpoints every `checkpoint_every` steps, no
+evaluation) runs one warm-up window plus `steps` steps (CONFIGS) from a model directory of the same random weights
+(`train.init_from`, so no init compile; the step itself comes from a persistent compilation cache private to the run,
+as the benchmark compiled it already). Its step time is what the loop logs per window (`steps_per_s`: wall time from
+one log to the next, everything the host does in between included); the first window (compile) is dropped. Bare: the
+jitted step on pre-fetched device batches, timed in windows of `log_every` steps ending in the same sync (metrics
+fetched to the host), run before and after each trainer run (`--trainer-runs`, default 3: on a small shared box one
+run's overhead swings by up to ~20 points) so that drifting load falls on both. Overhead = mean loop window / mean
+bare window - 1 over all runs: every window counts, so each checkpoint save is paid in full (a median would drop the
+windows holding a save once fewer than half of them do; it is reported too). The demo's schedule: log every 20 steps,
+as configs/demo.py, and a checkpoint every 100 (the demo itself saves every 600), over 200 measured steps. The final
+checkpoint's wait, setup and compile are outside every window (reported as train() wall minus the logged windows after
+the first). The trainer is measured before the PyTorch steps run in the process: measured after them, its first run
+was the slowest of three in six of eight bench runs (by up to 25 points), which four trainer runs without PyTorch
+in the process did not show (BENCHMARKS.md, seventeenth session).
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def measure_trainer(config, bare: BareStep, params, scratch: Path, runs: int) ->
               loop_windows=loop_all, bare_windows=bare_all, checkpoints=saved, train_wall_s=walls,
               outside_windows_s=[wall - log_every * sum(w) for wall, w in zip(walls, loop_sets)],
               log_every=log_every, checkpoint_every=checkpoint_every, steps=steps, runs=runs,
-              workers=config.data.num_workers, worker_sched=config.data.worker_sched)
+              workers=config.data.num_workers)
 
 
 def run_config(name: str, args) -> dict:
@@ -334,8 +334,8 @@ def report(r: dict) -> None:
   if "trainer" not in r:
     return
   t = r["trainer"]
-  print(f"  trainer ({t['workers']} data worker ({t['worker_sched']}), log every {t['log_every']}, async checkpoint "
-        f"every {t['checkpoint_every']}, {t['steps']} steps, {t['runs']} run(s)): {t['loop_s']:.3f} s/step vs bare "
+  print(f"  trainer ({t['workers']} data worker, log every {t['log_every']}, async checkpoint every "
+        f"{t['checkpoint_every']}, {t['steps']} steps, {t['runs']} run(s)): {t['loop_s']:.3f} s/step vs bare "
         f"{t['bare_s']:.3f} s/step (means) -> overhead {t['overhead']:+.1%} (per run "
         f"{', '.join('%+.1f%%' % (100 * o) for o in t['run_overheads'])}; of the medians "
         f"{t['median_overhead']:+.1%})\n"

@@ -160,15 +160,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   from one group (image-text or text-only), as the original's sampler. max_bad_fraction aborts the run when
   more records than that were skipped, once bad_fraction_min_records have been seen. prefetch: batches each
   worker keeps ready, and rows it reads ahead (in batches); read_threads: threads per worker reading records
-  (more for storage that makes reads wait, e.g. ArrayRecord on GCS). worker_sched: "idle" runs the worker
-  processes under Linux's SCHED_IDLE, on the CPU time the training process leaves (pipeline.run_when_idle: on a
-  CPU host the step's own threads then keep their cores); "normal" where other busy programs share the host,
-  since idle workers would get almost no CPU beside them.
+  (more for storage that makes reads wait, e.g. ArrayRecord on GCS).
   """
   c = ml_collections.ConfigDict(dict(
       datasets={}, tokenizer="", global_batch_size=32, max_len=4096, group_batches=True, pack_text=False,
-      seed=0, num_workers=2, prefetch=2, read_threads=2, worker_sched="idle", max_bad_fraction=0.05,
-      bad_fraction_min_records=1000,
+      seed=0, num_workers=2, prefetch=2, read_threads=2, max_bad_fraction=0.05, bad_fraction_min_records=1000,
       epochs=None,  # None: repeat forever (training); N: stop after N passes (evaluation, tests)
   ))
   c.update(overrides)

@@ -1,6 +1,4 @@
-"""Grain worker processes: they do not outlive a training process killed with SIGKILL (pipeline.exit_with_parent),
-and they run under the scheduling policy `data.worker_sched` names (pipeline.run_when_idle)."""
-import multiprocessing
+"""Grain worker processes do not outlive a training process killed with SIGKILL (pipeline.exit_with_parent)."""
 import os
 import signal
 import subprocess
@@ -8,14 +6,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-
-import pytest
-
-from configs.demo import get_config
-from sphinx_jax import config as cfg
-from sphinx_jax.data import pipeline
-from sphinx_jax.data.tokenizer import Tokenizer
-from sphinx_jax.errors import SphinxError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,47 +60,3 @@ def test_workers_exit_when_the_training_process_is_killed(tmp_path):
   for p in survivors:
     os.kill(int(p), signal.SIGKILL)
   assert not survivors, f"worker processes {survivors} outlived the killed training process"
-
-
-def demo_iterator(**data):
-  c = get_config()
-  c.data.update(global_batch_size=2, num_workers=1, **data)
-  return pipeline.make_iterator(c.data, Tokenizer.from_file(c.data.tokenizer), image_size=c.model.image_size,
-                                image_words=cfg.image_tokens(c.model), shard_index=0, shard_count=1)
-
-
-def thread_policies(pid: int) -> set:
-  return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
-
-
-@pytest.mark.parametrize("sched, policy", [("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
-def test_every_worker_thread_runs_under_the_configured_policy(sched, policy):
-  it = demo_iterator(worker_sched=sched)
-  try:
-    next(it)
-    workers = multiprocessing.active_children()
-    assert workers, "the pipeline started no worker process"
-    assert all(thread_policies(w.pid) == {policy} for w in workers), [thread_policies(w.pid) for w in workers]
-  finally:
-    it.close()
-
-
-def test_an_unknown_worker_policy_is_named():
-  with pytest.raises(SphinxError, match=r"config\.data\.worker_sched: 'low'; use one of"):
-    demo_iterator(worker_sched="low")
-
-
-def test_without_sched_idle_the_worker_takes_the_lowest_nice_level():
-  code = "import os; del os.SCHED_IDLE; from sphinx_jax.data import pipeline; pipeline.run_when_idle(); " \
-         "print(os.getpriority(os.PRIO_PROCESS, 0))"
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=120)
-  assert out.stdout.split() == ["19"], out.stderr[-2000:]
-
-
-def test_a_worker_that_may_not_change_its_policy_warns_and_carries_on(monkeypatch, caplog):
-  def refuse(*args):
-    raise PermissionError(1, "Operation not permitted")
-  monkeypatch.setattr(os, "sched_setscheduler", refuse)
-  pipeline.run_when_idle()
-  assert "cannot switch to SCHED_IDLE" in caplog.text and "worker_sched='normal'" in caplog.text

@@ -25,16 +25,14 @@ the iterator state), logged once per reason with the record id; past `max_bad_fr
 restores only into a pipeline with the same datasets, seed, batch size and `num_workers` (Grain's worker
 slicing changes the order otherwise).
 
-Processes: each group runs its own `num_workers` worker processes, by default under SCHED_IDLE (`data.worker_sched`,
-`run_when_idle`). `epochs=None` repeats forever (training); with `epochs` set the stream ends when a group's mixture
-runs out (Grain's mix stops at its first exhausted dataset), the last batch padded with empty rows (no targets, no
-image).
+Processes: each group runs its own `num_workers` worker processes. `epochs=None` repeats forever (training);
+with `epochs` set the stream ends when a group's mixture runs out (Grain's mix stops at its first exhausted
+dataset), the last batch padded with empty rows (no targets, no image).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -51,7 +49,6 @@ from sphinx_jax.errors import SphinxError
 
 GROUP_BLOCK = 100  # batches per block of the group schedule: group shares are exact within each block
 GROUPS = ("image", "text")
-WORKER_SCHEDS = ("idle", "normal")  # the worker processes' scheduling (init_worker)
 log = logging.getLogger(__name__)
 
 
@@ -248,7 +245,7 @@ class DatasetSpec:
 
 
 def group_stream(specs, encode, *, batch_size, seed, shard_index, shard_count, num_workers, bad_limit,
-                 pack_length=None, buffer_size=2, read_threads=2, worker_sched="idle", epochs=None):
+                 pack_length=None, buffer_size=2, read_threads=2, epochs=None):
   """The Grain pipeline of one group on one process: an IterDataset of batches (see the module docstring)."""
   parts = []
   for spec in specs:
@@ -266,7 +263,7 @@ def group_stream(specs, encode, *, batch_size, seed, shard_index, shard_count, n
     _absl_flags_ready()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                per_worker_buffer_size=buffer_size),
-                                  worker_init_fn=functools.partial(init_worker, sched=worker_sched))
+                                  worker_init_fn=exit_with_parent)
   return batches
 
 
@@ -295,40 +292,11 @@ class _GlobalRow:
     return self.stream[(batch * self.shard_count + self.shard_index) * self.rows + row]
 
 
-def init_worker(worker_index: int, worker_count: int, *, sched: str):
-  """Grain worker init: the worker exits with the process that started it (`exit_with_parent`) and, with
-  `data.worker_sched` "idle", runs at the lowest scheduling priority (`run_when_idle`)."""
+def exit_with_parent(worker_index: int, worker_count: int):
+  """Grain worker init: the worker exits once the process that started it is gone. A training process killed
+  with SIGKILL (preemption, OOM, kill -9) otherwise leaves its workers waiting on a queue forever, each holding
+  its memory, while the rerun starts new ones."""
   del worker_index, worker_count
-  if sched == "idle":
-    run_when_idle()
-  exit_with_parent()
-
-
-def run_when_idle():
-  """Puts every thread of this process (and the threads it starts later) under Linux's SCHED_IDLE: it runs on
-  the cores the training process leaves idle and yields at once when a training thread wakes. Where the step
-  itself computes on the host's cores (CPU training), a worker at normal priority takes its CPU time from the
-  step's threads (the demo on 2 cores: +5-14% over the bare step, against -1 to +4% idle; BENCHMARKS.md,
-  eighteenth session); on a host whose cores wait for an accelerator it changes little. nice 19 where the policy
-  does not exist (macOS)."""
-  if not hasattr(os, "SCHED_IDLE"):
-    os.nice(19)
-    return
-  for thread in os.listdir("/proc/self/task"):  # threads started before this init, too
-    try:
-      os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
-    except ProcessLookupError:  # a thread that has ended since the listing
-      continue
-    except OSError as error:  # a sandbox that forbids the call: the worker still works, at normal priority
-      log.warning("data worker: cannot switch to SCHED_IDLE (%s); it runs at normal priority. Set "
-                  "config.data.worker_sched='normal' to skip the attempt.", error)
-      return
-
-
-def exit_with_parent():
-  """The worker exits once the process that started it is gone. A training process killed with SIGKILL
-  (preemption, OOM, kill -9) otherwise leaves its workers waiting on a queue forever, each holding its memory,
-  while the rerun starts new ones."""
   parent = os.getppid()
 
   def watch():
@@ -446,9 +414,6 @@ def make_iterator(data, tokenizer, *, image_size: int, image_words: int, shard_i
     raise SphinxError(f"config.data.global_batch_size={data.global_batch_size} does not split over "
                       f"{shard_count} processes; make it a multiple.")
   batch_size = data.global_batch_size // shard_count
-  worker_sched = data.get("worker_sched", "idle")
-  if worker_sched not in WORKER_SCHEDS:
-    raise SphinxError(f"config.data.worker_sched: {worker_sched!r}; use one of {WORKER_SCHEDS}.")
   specs = collections.defaultdict(list)
   for name in sorted(data.datasets):
     cfg = data.datasets[name]
@@ -470,8 +435,7 @@ def make_iterator(data, tokenizer, *, image_size: int, image_words: int, shard_i
     streams[group] = group_stream(group_specs, encode, batch_size=batch_size, seed=data.seed,
                                   shard_index=shard_index, shard_count=shard_count,
                                   num_workers=data.num_workers, pack_length=pack, buffer_size=data.prefetch,
-                                  read_threads=data.get("read_threads", 2),  # configs saved before they existed
-                                  worker_sched=worker_sched,
+                                  read_threads=data.get("read_threads", 2),  # configs saved before it existed
                                   bad_limit=(data.max_bad_fraction, data.bad_fraction_min_records),
                                   epochs=data.epochs)
   return DataIterator(streams, weights, seed=data.seed, batch_size=batch_size, image_size=image_size,
