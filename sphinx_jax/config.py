@@ -242,9 +242,19 @@ def validate(config, num_devices: int | None = None, *, training: bool = False) 
     _check(bool(model.get("train_towers")) == (config.train.trainable == TOWERS_TRAINED_BY), "model.train_towers",
            f"{model.get('train_towers')} with train.trainable={config.train.trainable!r}; the towers train only "
            f"with both model.train_towers=True and train.trainable={TOWERS_TRAINED_BY!r}: set both or neither.")
+    _check_profile_window(config.train)
   if num_devices is not None:
     from sphinx_jax.sharding import mesh_shape
     mesh_shape(config.mesh, num_devices)
+
+
+def _check_profile_window(train) -> None:
+  start, count = train.get("profile_at", 0), train.get("profile_steps", 1)
+  _check(isinstance(start, int) and 0 <= start <= train.num_steps, "train.profile_at",
+         f"{start!r}; use 0 (no trace) or a step in 1..train.num_steps={train.num_steps}.")
+  _check(isinstance(count, int) and count >= 1 and (not start or start + count - 1 <= train.num_steps),
+         "train.profile_steps",
+         f"{count!r} steps from train.profile_at={start} pass train.num_steps={train.num_steps}; trace fewer.")
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -259,6 +269,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     pretrained encoders for a new model.
   llm_from: the same for the `llm` tree: a pretrained decoder (a converted LLaMA, a text-only run's export) for a
     new model whose fusion starts fresh.
+  profile_at, profile_steps: trace steps profile_at .. profile_at + profile_steps - 1 (1-based; 0 = no trace) with
+    jax.profiler into WORKDIR/tensorboard (TensorBoard's Profile tab; a Perfetto trace beside it) and write a
+    summary of the step's XLA op time per model scope there (train/profile.py). Start past the first step, whose
+    time is the compile's.
   cpu_library_fusions: on the CPU, let XLA hand the step's products to YNNPACK (its default). Off, XLA's own dot
     emitter runs them: faster for a small model's few-column products (configs/demo.py), slower for wide ones
     (BENCHMARKS.md). Ignored on other devices.
@@ -267,7 +281,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       num_steps=1000, lr=2e-5, min_lr=0.0, warmup_steps=30, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
       clip_grad=8.0, accum_steps=1, trainable="stage2", init_from="", log_every=10, eval_every=0,
       eval_at_start=False, checkpoint_every=500, keep_checkpoints=3, keep_period=0, max_nonfinite_in_row=10, peak_flops=0.0,
-      export_to="", towers_from="", llm_from="", cpu_library_fusions=True,
+      export_to="", towers_from="", llm_from="", cpu_library_fusions=True, profile_at=0, profile_steps=3,
   ))
   c.update(overrides)
   return c
