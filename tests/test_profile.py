@@ -61,6 +61,12 @@ def test_op_names_of_an_op_without_metadata_come_from_what_it_calls_or_reads():
   assert "copy.6" not in names  # reads a parameter: nothing to inherit
 
 
+def test_an_op_keeps_only_the_time_the_ops_inside_it_leave():
+  ops = [(0, 10, "while.1"), (1, 3, "body_op.2"), (5, 4, "body_op.3"), (20, 2, "after.4")]  # ns on one thread
+  got = dict(profile._self_times(ops))
+  assert got == pytest.approx({"while.1": 3e-9, "body_op.2": 3e-9, "body_op.3": 4e-9, "after.4": 2e-9})
+
+
 class Toy(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -113,10 +119,11 @@ def test_the_trainer_profiles_a_window_and_trains_the_same(tmp_path):
   corpus, tok = write_corpus(tmp_path / "corpus")
   common = ("--config.train.num_steps=5", "--config.train.log_every=1")
   run_train(train_args(tmp_path / "plain", corpus, tok, *common), devices=1)
-  run_train(train_args(tmp_path / "traced", corpus, tok, *common, "--config.train.profile_at=2",
-                       "--config.train.profile_steps=2"), devices=1)
+  out = run_train(train_args(tmp_path / "traced", corpus, tok, *common, "--config.train.profile_at=2",
+                             "--config.train.profile_steps=2"), devices=1)
   summary = json.loads((tmp_path / "traced" / "summary.json").read_text())
   found = Path(summary["profile"])
+  assert f"profiled steps: {found}" in out.stdout
   assert found.parent.parent == tmp_path / "traced" / "tensorboard" / "plugins" / "profile"
   text = found.read_text()
   assert text.startswith("steps 2-3 of jit_step")

@@ -50,7 +50,7 @@ def run(args) -> int:
 
 def summary_text(summary: dict) -> str:
   """The end-of-run report: steps, last loss, one row per evaluation metric with a column per evaluated step,
-  and where the drawn predictions and summary.json are."""
+  and where the drawn predictions, the profiled steps' summary and summary.json are."""
   lines = [f"trained to step {summary['last_step']}" + (f" (preempted at {summary['preempted_at']})"
                                                         if "preempted_at" in summary else "")
            + (f", last logged loss {summary['loss']:.3f}" if "loss" in summary else "")]
@@ -65,5 +65,7 @@ def summary_text(summary: dict) -> str:
           (f"{evals[s][name]:.3f}" if name in evals[s] else "-").rjust(10) for s in steps))
   if evals:
     lines.append(f"predictions drawn in {summary['predictions']} (and TensorBoard)")
+  if "profile" in summary:
+    lines.append(f"profiled steps: {summary['profile']} (the trace beside it)")
   lines.append(f"summary: {summary['workdir']}/summary.json")
   return "\n".join(lines)

@@ -82,17 +82,37 @@ def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
 
 
 def traced_op_times(xplane: Path, module: str) -> dict[str, tuple[float, int]]:
-  """The XLA ops of `module` in a trace file -> op name -> (total seconds, times run)."""
+  """The XLA ops of `module` in a trace file -> op name -> (total self seconds, times run).
+
+  Self time: an op that runs others inside it on its thread (a `while` running its body's ops) keeps only the
+  time they leave, so no time is counted twice.
+  """
   totals = collections.defaultdict(lambda: [0.0, 0])
   for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes:
     for line in plane.lines:
+      ops = []
       for event in line.events:
         stats = dict(event.stats)
         if stats.get("hlo_module") == module and "hlo_op" in stats:
-          entry = totals[stats["hlo_op"]]
-          entry[0] += event.duration_ns * 1e-9
-          entry[1] += 1
+          ops.append((event.start_ns, event.duration_ns, stats["hlo_op"]))
+      for op, seconds in _self_times(ops):
+        totals[op][0] += seconds
+        totals[op][1] += 1
   return {op: (seconds, count) for op, (seconds, count) in totals.items()}
+
+
+def _self_times(ops):
+  """[(start ns, duration ns, name)] of one thread -> [(name, seconds)], each less the ops nested in it."""
+  out, open_ops = [], []  # open_ops: [index into out, end ns] of the ops enclosing the current one
+  for start, duration, name in sorted(ops, key=lambda op: (op[0], -op[1])):
+    while open_ops and open_ops[-1][1] <= start:
+      open_ops.pop()
+    if open_ops:
+      parent = open_ops[-1][0]
+      out[parent] = (out[parent][0], out[parent][1] - duration * 1e-9)
+    out.append((name, duration * 1e-9))
+    open_ops.append((len(out) - 1, start + duration))
+  return out
 
 
 def summary_text(op_times: dict, op_names: dict, steps: int, title: str) -> str:
