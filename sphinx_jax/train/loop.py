@@ -282,7 +282,7 @@ def _run(config, workdir, lead, model, tokenizer, manager, frozen, data, state, 
   # the allocator matters to the step time on CPU (host_memory); recorded so that runs compare like with like
   summary = {"first_step": first, "eval": {}, "host_allocator": host_memory.loaded_allocator()}
   evaluator = Evaluator(config, model, tokenizer) if t.eval_every else None
-  window = profile_lib.StepWindow(workdir / "tensorboard", t.get("profile_at", 0), t.get("profile_steps", 1))
+  traced = profile_lib.StepWindow(workdir / "tensorboard", t.get("profile_at", 0), t.get("profile_steps", 1))
 
   def evaluate(done):
     scores = evaluator.run(state.params, workdir / "predictions" / f"step_{done}", log if lead else None, done)
@@ -300,13 +300,13 @@ def _run(config, workdir, lead, model, tokenizer, manager, frozen, data, state, 
         window_tokens += int(batch["tokens"].size)
         window_images += int(np.sum(batch.get("has_image", 0)))
         done = step + 1
-        window.before(done, state)
+        traced.before(done, state)
         placed = to_global(batch, in_batch)
         state, metrics = jitted(state, placed)
         pending.append(metrics)
-        if profiled := window.after(done, state, lambda: jitted.lower(state, placed).compile().as_text()):
+        if profiled := traced.after(done, state, lambda: jitted.lower(state, placed).compile().as_text()):
           summary["profile"] = str(profiled)
-          bar.write(f"train: steps {window.start}-{done} profiled; where their time went: {profiled}")
+          bar.write(f"train: steps {traced.start}-{done} profiled; where their time went: {profiled}")
         preempted = preemption.reached(manager, done)  # every step: processes agree on the step through it
         if done % t.log_every == 0 or done == last or preempted:
           values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
@@ -336,7 +336,7 @@ def _run(config, workdir, lead, model, tokenizer, manager, frozen, data, state, 
           bar.write(f"train: preempted at step {done}; checkpoint saved, run the same command to resume.")
           break
     finally:
-      window.close()
+      traced.close()
       manager.wait_until_finished()
       data.close()
       log.close()
