@@ -67,6 +67,11 @@ def test_an_op_keeps_only_the_time_the_ops_inside_it_leave():
   assert got == pytest.approx({"while.1": 3e-9, "body_op.2": 3e-9, "body_op.3": 4e-9, "after.4": 2e-9})
 
 
+def test_a_trace_without_the_modules_ops_says_so():
+  text = profile.summary_text({}, {}, steps=3, title="steps 2-4 of jit_step")
+  assert text.startswith("steps 2-4 of jit_step\nno event of this trace names an op of the module")
+
+
 class Toy(nn.Module):
   @nn.compact
   def __call__(self, x):

@@ -7,8 +7,8 @@ Where the trace goes: WORKDIR/tensorboard/plugins/profile/<time>/ (one run direc
 (`<host>.xplane.pb`); its `*.trace.json.gz` opens in ui.perfetto.dev without TensorBoard. `summary.txt` beside
 them says where the step's XLA op time went: per phase (forward, backward, the update after them) and per model
 scope, i.e. the Flax module path of each op's `op_name` metadata with layer numbers folded
-(`llm/layers_*/attention`), then the slowest single ops. Op time is the sum over the device's threads (on a CPU
-the host's thread pool, so it can exceed the wall time of a step). The summary reads the trace events that carry
+(`llm/layers_*/attention`), then the slowest single ops. Op time is summed over the threads of the process's
+devices (on a CPU the host's thread pool, so it can exceed the wall time of a step). The summary reads the trace events that carry
 `hlo_op` / `hlo_module` stats, as XLA CPU writes them; it was checked on CPU only (no accelerator here), and says
 so when a trace holds no such events.
 """
@@ -119,7 +119,8 @@ def summary_text(op_times: dict, op_names: dict, steps: int, title: str) -> str:
   """The summary.txt table: per phase, per scope, then the TOP_OPS slowest ops, in ms per step."""
   total = sum(seconds for seconds, _ in op_times.values())
   if not total:
-    return f"{title}\nno XLA op of the module ran in the trace\n"
+    return (f"{title}\nno event of this trace names an op of the module (hlo_op / hlo_module stats): read the trace "
+            "itself in TensorBoard's Profile tab or ui.perfetto.dev\n")
   by_phase, by_scope = collections.Counter(), collections.Counter()
   for op, (seconds, _) in op_times.items():
     phase, scope = phase_and_scope(op_names.get(op, ""))
@@ -130,7 +131,7 @@ def summary_text(op_times: dict, op_names: dict, steps: int, title: str) -> str:
     return f"{1e3 * seconds / steps:10.2f} {seconds / total:6.1%}  {label}"
 
   lines = [title, f"XLA op time per step: {1e3 * total / steps:.2f} ms over {len(op_times)} ops "
-           "(summed over the device's threads)", "", "     ms/step  share  phase"]
+           "(summed over the threads of this process's devices)", "", "     ms/step  share  phase"]
   lines += [row(s, phase) for phase, s in by_phase.most_common()]
   lines += ["", "     ms/step  share  phase / model scope"]
   lines += [row(s, f"{phase} {scope}") for (phase, scope), s in by_scope.most_common()]
