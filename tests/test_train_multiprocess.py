@@ -71,3 +71,16 @@ def test_two_processes_write_the_frozen_towers_once(tmp_path):
   assert any(p.startswith("llm/") for p in exported)
   for path in towers:
     np.testing.assert_array_equal(exported[path], start[path], err_msg=path)
+
+
+def test_each_process_traces_its_own_profile_window(tmp_path):
+  corpus, tok = write_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  window = ("--config.train.num_steps=4", "--config.train.profile_at=2", "--config.train.profile_steps=2")
+  for code, err in two_processes(lambda i: train_args(run, corpus, tok, *window), devices=2):
+    assert code == 0, err[-3000:]
+  for i in range(2):
+    summaries = list((run / "tensorboard" / f"process_{i}" / "plugins" / "profile").glob("*/summary.txt"))
+    assert len(summaries) == 1, i
+    assert summaries[0].read_text().startswith("steps 2-3 of jit_step"), i
+    assert list(summaries[0].parent.glob("*.xplane.pb")), i
