@@ -8,9 +8,9 @@ Where the trace goes: WORKDIR/tensorboard/plugins/profile/<time>/ (one run direc
 them says where the step's XLA op time went: per phase (forward, backward, the update after them) and per model
 scope, i.e. the Flax module path of each op's `op_name` metadata with layer numbers folded
 (`llm/layers_*/attention`), then the slowest single ops. Op time is summed over the threads of the process's
-devices (on a CPU the host's thread pool, so it can exceed the wall time of a step). The summary reads the trace events that carry
-`hlo_op` / `hlo_module` stats, as XLA CPU writes them; it was checked on CPU only (no accelerator here), and says
-so when a trace holds no such events.
+devices (on a CPU the host's thread pool, so it can exceed the wall time of a step). The summary reads the trace
+events that carry `hlo_op` / `hlo_module` stats, as XLA CPU writes them; it was checked on CPU only (no
+accelerator here), and says so when a trace holds no such events.
 """
 from __future__ import annotations
 
